@@ -1,0 +1,1 @@
+"""Wire format: frames, compression, record splitting. Pure functions, no sockets."""

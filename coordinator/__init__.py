@@ -1,0 +1,1 @@
+"""Control plane: the Store contract, its backends, and job records on top."""
