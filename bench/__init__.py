@@ -1,0 +1,1 @@
+"""Benchmark and sample-corpus tooling for chunkmesh (not installed with the package)."""
