@@ -1,0 +1,278 @@
+"""meshctl: a thin command line over `mesh.Client` (and, for `run`/`up`, an embedded daemon).
+
+Each subcommand is one short function; shared options are declared once; `build_parser()` is
+apart from `main(argv=None)` so tests call `main([...])` directly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+import orjson
+
+from mesh.codecs.compression import CODEC_NAMES
+from mesh.coordinator.connect import describe, open_store
+from mesh.errors import CodecError, InvalidSpec, JobNotFound, MeshBusy, MeshError, StoreUnavailable
+
+EXIT_OK = 0            # the command did what was asked (a job ended `done`)
+EXIT_JOB_FAILED = 1    # the job ended failed or cancelled; the reason is printed
+EXIT_USAGE = 2         # bad arguments or an invalid job spec (argparse uses 2 too)
+EXIT_UNAVAILABLE = 3   # the coordinator cannot be reached / opened
+EXIT_TIMEOUT = 4       # --timeout passed before the job ended
+EXIT_BUSY = 5          # the mesh refused the job: too many pending jobs
+EXIT_NOT_FOUND = 6     # no such job
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+SIZE_UNITS = {"": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
+              "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'4M', '64KiB', '1048576' -> bytes."""
+    s = text.strip().lower()
+    digits = s.rstrip("kmgib")
+    unit = s[len(digits):]
+    if not digits.isdigit() or unit not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"size must look like 1048576, 512K or 4M (got {text!r})")
+    return int(digits) * SIZE_UNITS[unit]
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    """KEY=VALUE; VALUE is JSON when it parses (400, true, [..]) and a string otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param must be KEY=VALUE (got {text!r})")
+    try:
+        return key, orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return key, value
+
+
+def _print_json(doc) -> None:
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n")
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"meshctl: {message}", file=sys.stderr)
+    return code
+
+
+# -- job options shared by run and submit --
+def _add_job_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories or globs")
+    p.add_argument("--task", required=True, help="built-in (grep, jsonl, count_by, identity) or package.module:function")
+    p.add_argument("--param", action="append", default=[], type=parse_param, metavar="KEY=VALUE")
+    p.add_argument("--out", required=True, help="output directory (must be empty or new)")
+    p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE", help="e.g. 1M (default 1 MiB)")
+    p.add_argument("--codec", choices=("auto", *CODEC_NAMES), default="auto",
+                   help="transport compression (auto: none between processes of one host)")
+    p.add_argument("--max-failed-records", type=int, default=1000, help="failure budget before the job fails")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+
+
+def _job_options(args) -> dict:
+    return dict(chunk_size=args.chunk_size, codec=args.codec, max_failed_records=args.max_failed_records)
+
+
+def _summary_doc(status: dict) -> dict:
+    summary = status.get("summary") or {}
+    return {
+        "job": status["id"], "state": status["state"], "reason": status.get("reason", ""),
+        "records_in": summary.get("records_in", 0), "records_out": summary.get("records_out", 0),
+        "failed_records": summary.get("failed_records", 0), "bytes_in": summary.get("bytes_in", 0),
+        "bytes_read": summary.get("bytes_read", 0), "files": summary.get("files", 0),
+        "chunks": summary.get("chunks_done", 0), "seconds": summary.get("seconds", 0.0),
+        "nodes": summary.get("nodes", {}), "result": summary.get("result"),
+    }
+
+
+def _report(status: dict, as_json: bool) -> int:
+    doc = _summary_doc(status)
+    if as_json:
+        _print_json(doc)
+    else:
+        from mesh.tables import print_summary
+        print_summary(doc)
+    return EXIT_OK if status["state"] == "done" else EXIT_JOB_FAILED
+
+
+def _wait_with_progress(job, args) -> int:
+    from mesh.progress import JobProgress
+    try:
+        with JobProgress(job.id) as bar:
+            status = job.wait(args.timeout, progress=bar.update)
+    except TimeoutError as exc:
+        return _fail(EXIT_TIMEOUT, str(exc))
+    if status["state"] != "done":
+        print(f"meshctl: job {job.id} {status['state']}: {status.get('reason', '')}", file=sys.stderr)
+    return _report(status, args.json)
+
+
+# -- subcommands --
+def cmd_run(args) -> int:
+    """One shot: an embedded mesh on this host, one job, progress, summary."""
+    from mesh.client import Client
+    from mesh.coordinator.embedded import open_embedded_store
+    from mesh.daemon import Daemon, DaemonConfig
+    from mesh.logs import configure_logging
+
+    configure_logging("info" if args.verbose else "warning")
+    state_dir = args.state_dir or tempfile.mkdtemp(prefix="chunkmesh-run-")
+    store = open_embedded_store(state_dir)
+    daemon = Daemon(store, DaemonConfig(workers=args.workers, node_id=args.node_id or "",
+                                        log_level="info" if args.verbose else "warning"))
+    try:
+        daemon.start()
+        client = Client(store=store)
+        job = client.submit(args.inputs, args.task, dict(args.param), out=args.out, **_job_options(args))
+        return _wait_with_progress(job, args)
+    finally:
+        daemon.stop()
+        store.close()
+        if not args.state_dir:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def cmd_up(args) -> int:
+    """An embedded coordinator + one meshd in the foreground, until Ctrl-C / SIGTERM."""
+    from mesh.daemon_main import run_daemon
+    return run_daemon(args.coordinator, workers=args.workers, node_id=args.node_id,
+                      log_level="debug" if args.verbose else "info")
+
+
+def cmd_submit(args) -> int:
+    from mesh.client import Client
+    with Client(args.coordinator) as client:
+        job = client.submit(args.inputs, args.task, dict(args.param), out=args.out, **_job_options(args))
+        if not args.wait:
+            if args.json:
+                _print_json({"job": job.id, "state": "pending"})
+            else:
+                print(job.id)
+            return EXIT_OK
+        return _wait_with_progress(job, args)
+
+
+def cmd_status(args) -> int:
+    from mesh.client import Client
+    with Client(args.coordinator) as client:
+        status = client.job(args.job).status()
+    if args.json:
+        _print_json(status)
+    else:
+        from mesh.tables import print_status
+        print_status(status)
+    return EXIT_OK
+
+
+def cmd_jobs(args) -> int:
+    from mesh.client import Client
+    with Client(args.coordinator) as client:
+        jobs = client.list_jobs()
+    if args.json:
+        _print_json(jobs)
+    else:
+        from mesh.tables import print_jobs
+        print_jobs(jobs)
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    from mesh.client import Client
+    with Client(args.coordinator) as client:
+        client.job(args.job).cancel()
+    print(f"cancel requested for {args.job}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_nodes(args) -> int:
+    from mesh.client import Client
+    with Client(args.coordinator) as client:
+        nodes = client.nodes()
+    if args.json:
+        _print_json(nodes)
+    else:
+        from mesh.tables import print_nodes
+        print_nodes(nodes)
+    return EXIT_OK
+
+
+def cmd_cat(args) -> int:
+    from mesh.outputs import iter_output
+    if not os.path.isdir(args.dir):
+        return _fail(EXIT_USAGE, f"{args.dir} is not a directory")
+    out = sys.stdout.buffer
+    try:
+        for block in iter_output(args.dir):
+            out.write(block)
+        out.flush()
+    except BrokenPipeError:  # `meshctl cat out | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--coordinator", default=None, metavar="URL",
+                        help="etcd://host:port or embedded:///state/dir (default: $MESH_COORDINATOR, "
+                             "else ~/.local/state/chunkmesh)")
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("-v", "--verbose", action="store_true")
+
+    parser = argparse.ArgumentParser(prog="meshctl", description="chunkmesh: file ETL, exactly once.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", parents=[common], help="run one job on an embedded mesh on this host")
+    _add_job_arguments(p)
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--state-dir", default=None, help="keep the embedded state here (default: a temporary dir)")
+    p.add_argument("--node-id", default=None)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("up", parents=[common], help="embedded coordinator + one meshd in the foreground")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--node-id", default=None)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("submit", parents=[common], help="submit a job to a running mesh")
+    _add_job_arguments(p)
+    p.add_argument("--wait", action="store_true", help="wait for the job, with a progress bar")
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, text in (("status", cmd_status, "one job's state and progress"),
+                             ("cancel", cmd_cancel, "cancel a job")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("job")
+        p.set_defaults(func=func)
+    sub.add_parser("jobs", parents=[common], help="list jobs").set_defaults(func=cmd_jobs)
+    sub.add_parser("nodes", parents=[common], help="list daemons").set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("cat", parents=[common], help="print a job's output records in input order")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_cat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted")
+    except InvalidSpec as exc:
+        return _fail(EXIT_USAGE, f"invalid job: {exc}")
+    except JobNotFound as exc:
+        return _fail(EXIT_NOT_FOUND, str(exc))
+    except MeshBusy as exc:
+        return _fail(EXIT_BUSY, str(exc))
+    except StoreUnavailable as exc:
+        return _fail(EXIT_UNAVAILABLE, f"cannot reach the coordinator {describe(args.coordinator)}: {exc}")
+    except (MeshError, CodecError) as exc:
+        return _fail(EXIT_JOB_FAILED, str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

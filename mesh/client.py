@@ -1,0 +1,132 @@
+"""The Python face of chunkmesh: submit jobs, watch them, get their results.
+
+    from mesh import Client
+    with Client() as client:                       # embedded store in ~/.local/state/chunkmesh
+        job = client.submit(["logs/*.gz"], "count_by", {"field": "status"}, out="out/")
+        print(job.result(timeout_s=600))
+
+The client talks only to the coordinator store; it is never in the data path. Backpressure has a
+name and a number: `submit_nowait` raises MeshBusy when `max_pending` jobs are already waiting,
+`submit` waits for room up to `timeout_s`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Sequence
+
+from mesh.coordinator.connect import open_store
+from mesh.coordinator.errors import MeshBusy
+from mesh.coordinator.jobs import TERMINAL_STATES, JobSpec, JobStore
+from mesh.coordinator.store import Store
+from mesh.errors import JobFailed
+
+POLL_S = 0.1
+DEFAULT_MAX_PENDING = 1000
+
+
+class Job:
+    """A submitted job. Cheap to create; every method reads the store."""
+
+    def __init__(self, jobs: JobStore, job_id: str):
+        self._jobs = jobs
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> dict:
+        """{id, state, reason, progress | summary}."""
+        state = self._jobs.get_state(self.id)
+        doc = {"id": self.id, "state": state["state"], "reason": state.get("reason", "")}
+        if state["state"] in TERMINAL_STATES:
+            doc["summary"] = self._jobs.get_summary(self.id) or {}
+        else:
+            doc["progress"] = self._jobs.get_progress(self.id) or {}
+        return doc
+
+    def wait(self, timeout_s: float | None = None, *,
+             progress: Callable[[dict], None] | None = None) -> dict:
+        """Block until the job ends; return its final status. `progress` gets the progress
+        counters on each poll. TimeoutError names the job and its state at the deadline."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            status = self.status()
+            if progress is not None:
+                progress(status.get("progress") or status.get("summary") or {})
+            if status["state"] in TERMINAL_STATES:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} still {status['state']} after {timeout_s}s; "
+                                   f"check `meshctl status {self.id}` and that a meshd is running")
+            time.sleep(POLL_S)
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        """The reduce result (None for map tasks); JobFailed if the job did not end `done`."""
+        status = self.wait(timeout_s)
+        if status["state"] != "done":
+            raise JobFailed(self.id, status["state"], status.get("reason", ""))
+        return status["summary"].get("result")
+
+    def cancel(self) -> None:
+        self._jobs.request_cancel(self.id)
+
+
+class Client:
+    def __init__(self, coordinator: str | None = None, *, store: Store | None = None,
+                 prefix: str = "chunkmesh/", max_pending: int = DEFAULT_MAX_PENDING):
+        self._own_store = store is None
+        self.store = store if store is not None else open_store(coordinator)
+        self.jobs = JobStore(self.store, prefix=prefix)
+        self.max_pending = max_pending
+
+    def close(self) -> None:
+        if self._own_store:
+            self.store.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @staticmethod
+    def make_spec(inputs: Sequence[str] | str, task: str, params: dict | None = None, *, out: str,
+                  chunk_size: int | None = None, codec: str = "auto", max_failed_records: int = 1000) -> JobSpec:
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        fields: dict[str, Any] = dict(inputs=tuple(os.path.abspath(str(p)) for p in inputs), task=task,
+                                      params=dict(params or {}), out=os.path.abspath(str(out)), codec=codec,
+                                      max_failed_records=max_failed_records)
+        if chunk_size is not None:
+            fields["chunk_size"] = chunk_size
+        return JobSpec(**fields)
+
+    def submit_nowait(self, inputs, task: str, params: dict | None = None, *, out: str, **options) -> Job:
+        """Submit now or raise MeshBusy (too many pending jobs) / InvalidSpec (all problems)."""
+        spec = self.make_spec(inputs, task, params, out=out, **options)
+        return Job(self.jobs, self.jobs.submit(spec, max_pending=self.max_pending))
+
+    def submit(self, inputs, task: str, params: dict | None = None, *, out: str,
+               timeout_s: float = 30.0, **options) -> Job:
+        """Submit, waiting up to `timeout_s` for room when the mesh is busy."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.submit_nowait(inputs, task, params, out=out, **options)
+            except MeshBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(POLL_S)
+
+    def job(self, job_id: str) -> Job:
+        self.jobs.get_state(job_id)  # JobNotFound early, with a clear message
+        return Job(self.jobs, job_id)
+
+    def list_jobs(self) -> list[dict]:
+        return self.jobs.list_jobs()
+
+    def nodes(self) -> list[dict]:
+        import orjson
+        kvs, _ = self.store.range(f"{self.jobs.prefix}nodes/")
+        return [orjson.loads(kv.value) for kv in kvs]

@@ -1,0 +1,320 @@
+"""The dispatcher: one ROUTER socket per daemon, demand-driven dispatch of chunks to workers.
+
+Why ROUTER/DEALER with credits instead of plain PUSH/PULL: a PUSH socket cannot say which worker
+got a chunk, so a chunk queued to a worker that dies is silently lost, and the first worker to
+connect hoards the queue. Here each worker announces a window of credits, every chunk goes to a
+named worker that has a credit, and every result returns one. The dispatcher therefore knows
+exactly which chunks each worker holds; when a worker dies, they are re-sent at once. Only the
+oldest of them (the one executing) is blamed; a chunk blamed `max_blame` times is poison and
+goes to the owner's dead letters instead of looping forever.
+
+Chunks come in from the jobs' source threads over an inproc PULL socket, read only while some
+worker has a credit: the sources block on their PUSH (tiny HWM), so backpressure reaches the
+input files and in-flight data is bounded by (workers x window + HWMs) chunks.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+import zmq
+
+from mesh import protocol
+from mesh.codecs import frames
+from mesh.codecs.errors import FrameError
+from mesh.codecs.frames import Header, Kind
+
+INTAKE_HWM = 2
+MAX_RECV_BATCH = 256
+
+
+@dataclass
+class Assignment:
+    """A chunk the dispatcher is responsible for until its result arrives."""
+    header: Header
+    parts: list          # [header bytes, payload] as sent
+    blame: int = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.header.job_id, self.header.chunk_id
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.parts[1])
+
+
+@dataclass
+class JobRoute:
+    job_id: str
+    epoch: int
+    job_message: list
+    on_result: Callable[[bytes, Header, Any, dict], None]
+    on_poison: Callable[[Assignment], None]
+
+
+@dataclass
+class WorkerLink:
+    identity: bytes
+    credits: int
+    node: str
+    outstanding: OrderedDict = field(default_factory=OrderedDict)
+    known_jobs: set = field(default_factory=set)
+
+
+@dataclass
+class DispatcherStatistics:
+    workers: int
+    free_credits: int
+    in_flight_chunks: int
+    in_flight_bytes: int
+    retry_queue: int
+    resent_chunks: int
+    bad_frames: int
+    stale_results: int
+
+
+class Dispatcher:
+    def __init__(self, ctx: zmq.Context, *, node_id: str, bind: str = "tcp://127.0.0.1:*",
+                 max_blame: int = 3):
+        self.ctx = ctx
+        self.node_id = node_id
+        self.max_blame = max_blame
+        self.intake_address = f"inproc://mesh-intake-{id(self):x}"
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(bind)
+        self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.intake = ctx.socket(zmq.PULL)
+        self.intake.setsockopt(zmq.RCVHWM, INTAKE_HWM)
+        self.intake.setsockopt(zmq.LINGER, 0)
+        self.intake.bind(self.intake_address)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+        self.jobs: dict[str, JobRoute] = {}
+        self.workers: dict[bytes, WorkerLink] = {}
+        self.retry: deque[Assignment] = deque()
+        self._stats = DispatcherStatistics(0, 0, 0, 0, 0, 0, 0, 0)
+        self.log = structlog.get_logger("mesh.dispatcher").bind(node=node_id)
+
+    # -- API for other threads: each call is queued and applied by the dispatcher thread --
+    def start(self) -> None:
+        self._thread.start()
+
+    def add_job(self, route: JobRoute) -> None:
+        self._command(("add_job", route))
+
+    def remove_job(self, job_id: str) -> None:
+        self._command(("remove_job", job_id))
+
+    def worker_lost(self, identity: bytes, exitcode: int | None = None) -> None:
+        self._command(("worker_lost", identity))
+
+    def statistics(self) -> DispatcherStatistics:
+        return self._stats
+
+    def open_source_socket(self) -> zmq.Socket:
+        """A PUSH socket for one source thread (create and use it in that thread)."""
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.SNDHWM, INTAKE_HWM)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.intake_address)
+        return sock
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._command(("noop", None))
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        for link in self.workers.values():
+            try:
+                protocol.send(self.router, protocol.control("stop"), identity=link.identity, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self.router.close(0)
+        self.intake.close(0)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _command(self, cmd) -> None:
+        self._commands.put(cmd)
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- the dispatcher thread --
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                self._apply_commands()
+                intake_open = self._free_credits() > 0 and not self.retry
+                if intake_open:
+                    poller.register(self.intake, zmq.POLLIN)
+                events = dict(poller.poll(200))
+                if intake_open:
+                    poller.unregister(self.intake)
+                if self._wake_r in events:
+                    self._drain_wake()
+                if self.router in events:
+                    self._receive_from_workers()
+                self._pump()
+                self._update_stats()
+            except zmq.ContextTerminated:
+                return
+            except Exception:  # one bad iteration never kills the loop
+                self.log.exception("dispatcher_iteration_failed")
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                name, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if name == "add_job":
+                self.jobs[arg.job_id] = arg
+            elif name == "remove_job":
+                self.jobs.pop(arg, None)
+                self.retry = deque(a for a in self.retry if a.header.job_id != arg)
+            elif name == "worker_lost":
+                self._lose_worker(arg)
+
+    def _free_credits(self) -> int:
+        return sum(link.credits for link in self.workers.values())
+
+    def _receive_from_workers(self) -> None:
+        for _ in range(MAX_RECV_BATCH):
+            try:
+                msg = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = msg[0].bytes
+            try:
+                header, payload = frames.decode([m.buffer for m in msg[1:]])
+                if header.kind == Kind.RESULT:
+                    self._on_result(identity, header, payload)
+                elif header.kind == Kind.CONTROL:
+                    self._on_control(identity, header)
+                else:
+                    raise FrameError("bad_kind", f"the dispatcher does not accept {header.kind.name} messages")
+            except FrameError as exc:
+                self._stats.bad_frames += 1
+                self.log.warning("bad_frame_dropped", peer=identity[:64], reason=exc.reason, error=str(exc),
+                                 count=self._stats.bad_frames)
+
+    def _on_control(self, identity: bytes, header: Header) -> None:
+        body = protocol.body_of(header)
+        if body.get("type") != "ready":
+            raise FrameError("bad_control", f"unexpected control message {body.get('type')!r} from a worker")
+        credits = body.get("credits")
+        if not isinstance(credits, int) or not 1 <= credits <= 64:
+            raise FrameError("bad_control", f"ready.credits must be an integer in 1..64 (got {credits!r})")
+        if identity in self.workers:
+            return
+        self.workers[identity] = WorkerLink(identity=identity, credits=credits, node=str(body.get("node", "")))
+        self.log.debug("worker_joined", worker=identity, credits=credits)
+
+    def _on_result(self, identity: bytes, header: Header, payload) -> None:
+        link = self.workers.get(identity)
+        assignment = link.outstanding.pop((header.job_id, header.chunk_id), None) if link else None
+        if assignment is None or assignment.header.attempt != header.attempt:
+            if assignment is not None:  # not the attempt we sent: put it back
+                link.outstanding[assignment.key] = assignment
+            self._stats.stale_results += 1
+            return
+        link.credits += 1
+        route = self.jobs.get(header.job_id)
+        if route is None:
+            return  # job removed (cancelled or finished): drop
+        route.on_result(identity, header, payload, protocol.body_of(header))
+
+    def _lose_worker(self, identity: bytes) -> None:
+        link = self.workers.pop(identity, None)
+        if link is None:
+            return
+        held = list(link.outstanding.values())
+        if held:
+            held[0].blame += 1  # only the chunk it was executing is blamed
+        for assignment in reversed(held):
+            route = self.jobs.get(assignment.header.job_id)
+            if route is None:
+                continue
+            if assignment.blame >= self.max_blame:
+                route.on_poison(assignment)
+            else:
+                self.retry.appendleft(assignment)
+        self._stats.resent_chunks += len(held)
+        self.log.info("worker_lost", worker=identity, chunks_resent=len(held))
+
+    def _pump(self) -> None:
+        while True:
+            link = self._pick_worker()
+            if link is None:
+                return
+            if self.retry:
+                assignment = self._resend(self.retry.popleft())
+            else:
+                try:
+                    parts = self.intake.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return
+                header = frames.decode_header(parts[0].buffer)
+                assignment = Assignment(header=header, parts=[parts[0].bytes, parts[1]])
+            if assignment.header.job_id in self.jobs:
+                self._send(link, assignment)
+
+    def _pick_worker(self) -> WorkerLink | None:
+        best = None
+        for link in self.workers.values():
+            if link.credits > 0 and (best is None or link.credits > best.credits):
+                best = link
+        return best
+
+    def _resend(self, assignment: Assignment) -> Assignment:
+        header = frames.with_attempt(assignment.header, assignment.header.attempt + 1)
+        return Assignment(header=header, parts=[frames.encode_header(header), assignment.parts[1]],
+                          blame=assignment.blame)
+
+    def _send(self, link: WorkerLink, assignment: Assignment) -> None:
+        route = self.jobs[assignment.header.job_id]
+        try:
+            if route.job_id not in link.known_jobs:
+                protocol.send(self.router, route.job_message, identity=link.identity)
+                link.known_jobs.add(route.job_id)
+            protocol.send(self.router, assignment.parts, identity=link.identity)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone
+            self.log.info("worker_unreachable", worker=link.identity, error=str(exc))
+            self.retry.appendleft(assignment)
+            self.workers.pop(link.identity, None)
+            self.retry.extendleft(reversed(link.outstanding.values()))
+            return
+        link.credits -= 1
+        link.outstanding[assignment.key] = assignment
+
+    def _update_stats(self) -> None:
+        links = list(self.workers.values())
+        s = self._stats
+        s.workers = len(links)
+        s.free_credits = sum(l.credits for l in links)
+        s.in_flight_chunks = sum(len(l.outstanding) for l in links)
+        s.in_flight_bytes = sum(a.nbytes for l in links for a in l.outstanding.values())
+        s.retry_queue = len(self.retry)

@@ -1,0 +1,85 @@
+"""Every error chunkmesh raises on purpose, in one tree.
+
+::
+
+    MeshError
+    ├── FrameError(reason)          a malformed frame on a socket: dropped and counted
+    ├── CodecError(encoding)        corrupt or truncated compressed data
+    ├── InvalidSpec(problems)       a job spec / config breaks a rule (all problems listed)
+    ├── JobNotFound(job_id)
+    ├── MeshBusy(pending, limit)    backpressure: too many pending jobs; wait or raise the limit
+    ├── TaskError(task)             a task cannot be loaded (unknown name, import failure)
+    ├── InputError(path)            an input cannot be listed or read
+    ├── OutputError(path)           the output directory cannot be written
+    ├── JobFailed(job_id, state)    Job.wait/result on a job that ended failed or cancelled
+    └── StoreError                  the coordinator store failed
+        ├── StoreUnavailable        cannot reach it; retry with backoff
+        ├── Compacted(revision)     watched history is gone; re-read everything
+        ├── LeaseNotFound(lease_id) the lease expired or was revoked
+        └── NotOwner(job_id, epoch) a fenced write lost: this owner must step down
+
+    Shutdown (BaseException)        raised inside loops to stop them; broad `except Exception`
+                                    cannot swallow it.
+
+Third-party exceptions (zmq, sqlite3, etcd3, lz4, zstandard) are translated at the module that
+talks to that library and never travel above it.
+"""
+from __future__ import annotations
+
+from mesh.codecs.errors import CodecError, FrameError, MeshError
+from mesh.coordinator.errors import (
+    Compacted,
+    InvalidSpec,
+    JobNotFound,
+    LeaseNotFound,
+    MeshBusy,
+    NotOwner,
+    StoreError,
+    StoreUnavailable,
+)
+
+__all__ = [
+    "CodecError", "Compacted", "FrameError", "InputError", "InvalidSpec", "JobFailed",
+    "JobNotFound", "LeaseNotFound", "MeshBusy", "MeshError", "NotOwner", "OutputError",
+    "Shutdown", "StoreError", "StoreUnavailable", "TaskError",
+]
+
+
+class TaskError(MeshError):
+    """A task cannot be used: unknown built-in, module not importable, attribute missing, not
+    allowed by config. The job fails at once with this message."""
+
+    def __init__(self, task: str, message: str):
+        super().__init__(message)
+        self.task = task
+
+
+class InputError(MeshError):
+    """An input path or glob cannot be listed or read."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+class OutputError(MeshError):
+    """The output directory cannot be created or written (permissions, disk full)."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+class JobFailed(MeshError):
+    """A job ended in `failed` or `cancelled` where the caller needed it `done`."""
+
+    def __init__(self, job_id: str, state: str, reason: str):
+        super().__init__(f"job {job_id} ended {state}: {reason}" if reason else f"job {job_id} ended {state}")
+        self.job_id = job_id
+        self.state = state
+        self.reason = reason
+
+
+class Shutdown(BaseException):
+    """Stop the loop that catches it. A BaseException so that `except Exception` in a
+    loop's per-iteration guard cannot swallow a shutdown."""

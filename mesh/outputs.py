@@ -1,0 +1,127 @@
+"""The output directory of a job: names, atomic writes, and reading it back in input order.
+
+Layout::
+
+    OUT/_inputs.json                    the job id and the resolved input files (index -> path)
+    OUT/part-FFFFFFFF-OOOOOOOOOOOOOOO.zst   map output of the chunk starting at (file F, offset O)
+    OUT/part-FFFFFFFF-OOOOOOOOOOOOOOO.json  reduce partial of that chunk
+    OUT/dead-FFFFFFFF-OOOOOOOOOOOOOOO.jsonl dead letters of that chunk (file, offset, error, record)
+    OUT/_result.json                    reduce result, OUT/_summary.json: the job summary
+
+A part is keyed by where its chunk starts, so a replayed chunk replaces its part instead of
+adding one. Every file appears only complete: temp file + fsync + rename, and the directory is
+fsynced before offsets that depend on those parts are committed.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+
+from mesh.codecs.compression import get_codec
+from mesh.errors import OutputError
+
+INPUTS = "_inputs.json"
+SUMMARY = "_summary.json"
+RESULT = "_result.json"
+_PART = re.compile(r"^(part|dead)-(\d{8})-(\d{15})\.(zst|json|jsonl)$")
+
+
+def part_name(kind: str, file_index: int, offset: int) -> str:
+    suffix = {"part": "zst", "partial": "json", "dead": "jsonl"}[kind]
+    prefix = "dead" if kind == "dead" else "part"
+    return f"{prefix}-{file_index:08d}-{offset:015d}.{suffix}"
+
+
+class OutputDir:
+    """Writes one job's output directory; every write is atomic and durable."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._counter = itertools.count()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(str(self.path), f"cannot create output directory {self.path}: {exc.strerror}") from exc
+
+    def claim(self, job_id: str, files: list[str]) -> list[str]:
+        """Bind this directory to `job_id`; return the input list it was bound with.
+
+        A directory that holds another job's output is refused (never mix two jobs' parts);
+        one bound to this job already (a resumed job) keeps its original input list, so the
+        file indexes in part names keep their meaning.
+        """
+        inputs = self.path / INPUTS
+        if inputs.exists():
+            doc = orjson.loads(inputs.read_bytes())
+            if doc.get("job") != job_id:
+                raise OutputError(str(self.path), f"output directory {self.path} already holds the output of job "
+                                                  f"{doc.get('job')}; choose another --out or remove it")
+            return list(doc["files"])
+        if any(self.path.iterdir()):
+            raise OutputError(str(self.path), f"output directory {self.path} is not empty; "
+                                              "choose another --out or remove it")
+        self.write(INPUTS, orjson.dumps({"job": job_id, "files": files}))
+        self.sync()
+        return files
+
+    def write(self, name: str, data: bytes | memoryview) -> None:
+        tmp = self.path / f".tmp.{name}.{os.getpid()}.{next(self._counter)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path / name)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise OutputError(str(self.path), f"cannot write {name} in {self.path}: {exc.strerror}") from exc
+
+    def write_or_remove(self, name: str, data: bytes | memoryview | None) -> None:
+        """Write `name`, or make sure it is absent when there is nothing to write (a replay whose
+        output is now empty must not leave the old part behind)."""
+        if data:
+            self.write(name, data)
+            return
+        try:
+            os.unlink(self.path / name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(str(self.path), f"cannot remove {name} in {self.path}: {exc.strerror}") from exc
+
+    def sync(self) -> None:
+        """fsync the directory, so that renames done so far survive a crash."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def list_parts(path: str | os.PathLike, kind: str = "part") -> list[Path]:
+    """Parts (or dead letters) of an output directory, in input order: file, then offset."""
+    found = []
+    for entry in os.scandir(path):
+        m = _PART.match(entry.name)
+        if m and m.group(1) == kind and (kind != "part" or m.group(4) == "zst"):
+            found.append((int(m.group(2)), int(m.group(3)), Path(entry.path)))
+    return [p for _, _, p in sorted(found)]
+
+
+def iter_output(path: str | os.PathLike, *, block_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """The decompressed output records of a job as byte blocks, in input order."""
+    zstd = get_codec("zstd")
+    for part in list_parts(path):
+        yield zstd.decompress(part.read_bytes(), 1 << 34)

@@ -1,0 +1,150 @@
+"""WorkerPool: one worker process per core, pinned, restarted on death.
+
+Processes come from a forkserver (preloaded with the worker module): forking the threaded daemon
+itself is unsafe, and plain spawn would re-import everything for every restart. A death is
+reported at once through `on_lost(identity)`, so the dispatcher re-sends the worker's chunks
+without waiting for a timeout.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import structlog
+
+from mesh.worker import WorkerConfig, worker_identity, worker_main
+
+RESTART_BACKOFF_MIN_S = 0.05
+RESTART_BACKOFF_MAX_S = 10.0
+STABLE_AFTER_S = 30.0
+
+
+def available_cores() -> list[int]:
+    """The cores in this process's affinity set (what systemd/taskset gave us), sorted."""
+    return sorted(os.sched_getaffinity(0))
+
+
+@dataclass
+class _Slot:
+    cfg: WorkerConfig
+    process: multiprocessing.process.BaseProcess | None = None
+    identity: bytes = b""
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff_s: float = RESTART_BACKOFF_MIN_S
+    restart_at: float | None = None
+
+
+@dataclass
+class PoolStatistics:
+    workers: int
+    alive: int
+    restarts: int
+    cores: list[int] = field(default_factory=list)
+
+
+class WorkerPool:
+    def __init__(self, base: WorkerConfig, *, workers: int | None = None,
+                 on_lost: Callable[[bytes, int | None], None] = lambda identity, exitcode: None,
+                 clock: Callable[[], float] = time.monotonic):
+        cores = available_cores()
+        count = workers or len(cores)
+        self._slots = [_Slot(cfg=replace(base, slot=i, core=cores[i % len(cores)])) for i in range(count)]
+        self._on_lost = on_lost
+        self._clock = clock
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(["mesh.worker"])
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = multiprocessing.connection.Pipe(duplex=False)
+        self._thread = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
+        self._lock = threading.Lock()
+        self.log = structlog.get_logger("mesh.pool").bind(node=base.node_id)
+
+    def start(self) -> None:
+        for slot in self._slots:
+            self._spawn(slot)
+        self._thread.start()
+
+    def _spawn(self, slot: _Slot) -> None:
+        proc = self._ctx.Process(target=worker_main, args=(slot.cfg,), name=f"mesh-worker-{slot.cfg.slot}",
+                                 daemon=True)
+        proc.start()
+        slot.process = proc
+        slot.identity = worker_identity(slot.cfg.node_id, slot.cfg.slot, proc.pid)
+        slot.started_at = self._clock()
+        slot.restart_at = None
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [s.process.pid for s in self._slots if s.process is not None and s.process.is_alive()]
+
+    def statistics(self) -> PoolStatistics:
+        with self._lock:
+            alive = sum(1 for s in self._slots if s.process is not None and s.process.is_alive())
+            return PoolStatistics(workers=len(self._slots), alive=alive,
+                                  restarts=sum(s.restarts for s in self._slots),
+                                  cores=[s.cfg.core for s in self._slots])
+
+    def _supervise(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                waitables = {s.process.sentinel: s for s in self._slots if s.process is not None}
+                due = [s.restart_at for s in self._slots if s.restart_at is not None]
+            timeout = max(0.0, min(due) - self._clock()) if due else 1.0
+            ready = multiprocessing.connection.wait([*waitables, self._wake_r], timeout=timeout)
+            if self._stop.is_set():
+                return
+            for sentinel in ready:
+                slot = waitables.get(sentinel)
+                if slot is not None:
+                    self._on_death(slot)
+            self._restart_due()
+
+    def _on_death(self, slot: _Slot) -> None:
+        proc = slot.process
+        proc.join(timeout=0)
+        exitcode = proc.exitcode
+        lived_s = self._clock() - slot.started_at
+        with self._lock:
+            slot.process = None
+            slot.restarts += 1
+            slot.backoff_s = RESTART_BACKOFF_MIN_S if lived_s > STABLE_AFTER_S else min(
+                slot.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+            slot.restart_at = self._clock() + slot.backoff_s
+        self.log.warning("worker_died", worker=slot.cfg.slot, pid=proc.pid, exitcode=exitcode,
+                         restart_in_s=round(slot.backoff_s, 3))
+        try:
+            self._on_lost(slot.identity, exitcode)
+        except Exception:
+            self.log.exception("on_lost_callback_failed", worker=slot.cfg.slot)
+
+    def _restart_due(self) -> None:
+        now = self._clock()
+        for slot in self._slots:
+            if slot.restart_at is not None and slot.restart_at <= now and not self._stop.is_set():
+                with self._lock:
+                    self._spawn(slot)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Terminate every worker (SIGTERM, then SIGKILL after `timeout_s`) and join them."""
+        self._stop.set()
+        self._wake_w.send_bytes(b"x")
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        procs = [s.process for s in self._slots if s.process is not None]
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1.0)
+        self._wake_r.close()
+        self._wake_w.close()

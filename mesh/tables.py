@@ -1,0 +1,76 @@
+"""Tables for people (meshctl without --json), rendered with rich on stdout."""
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+def _mb(n) -> str:
+    return f"{(n or 0) / 1e6:,.1f} MB"
+
+
+def print_summary(doc: dict) -> None:
+    table = Table(title=f"job {doc['job']}: {doc['state']}", show_header=False)
+    seconds = doc.get("seconds") or 0.0
+    rows = [
+        ("records in / out", f"{doc['records_in']:,} / {doc['records_out']:,}"),
+        ("failed records", f"{doc['failed_records']:,}"),
+        ("input", f"{doc['files']:,} files, {_mb(doc['bytes_read'])} read, {_mb(doc['bytes_in'])} decompressed"),
+        ("chunks", f"{doc['chunks']:,}"),
+        ("time", f"{seconds:.2f} s"),
+    ]
+    if seconds > 0:
+        rows.append(("throughput", f"{doc['records_in'] / seconds:,.0f} records/s, "
+                                   f"{doc['bytes_in'] / seconds / 1e6:,.1f} MB/s"))
+    for node, n in sorted((doc.get("nodes") or {}).items()):
+        rows.append((f"node {node}", f"{n['chunks']:,} chunks, {n['records']:,} records"))
+    if doc.get("reason"):
+        rows.append(("reason", doc["reason"]))
+    if doc.get("result") is not None:
+        result = doc["result"]
+        text = ", ".join(f"{k}: {v:,}" if isinstance(v, int) else f"{k}: {v}" for k, v in result.items()) \
+            if isinstance(result, dict) else str(result)
+        rows.append(("result", text))
+    for key, value in rows:
+        table.add_row(key, value)
+    _console().print(table)
+
+
+def print_status(status: dict) -> None:
+    counters = status.get("summary") or status.get("progress") or {}
+    table = Table(title=f"job {status['id']}: {status['state']}", show_header=False)
+    if status.get("reason"):
+        table.add_row("reason", status["reason"])
+    total = counters.get("bytes_total") or 0
+    if total:
+        table.add_row("progress", f"{100 * counters.get('bytes_read', 0) / total:.1f}% of {_mb(total)}")
+    for key in ("records_in", "records_out", "failed_records", "chunks_done", "chunks_planned",
+                "in_flight_chunks", "seconds"):
+        if key in counters:
+            table.add_row(key.replace("_", " "), f"{counters[key]:,}")
+    if counters.get("failed_records"):
+        table.add_row("dead letters", "see dead-*.jsonl in the output directory")
+    _console().print(table)
+
+
+def print_jobs(jobs: list[dict]) -> None:
+    table = Table("job", "state", "task", "reason")
+    for job in jobs:
+        table.add_row(job["id"], job["state"], job.get("task", ""), job.get("reason", ""))
+    _console().print(table)
+
+
+def print_nodes(nodes: list[dict]) -> None:
+    table = Table("node", "host", "state", "workers", "in flight", "jobs", "last seen")
+    now = time.time()
+    for n in nodes:
+        table.add_row(n.get("id", "?"), n.get("host", "?"), n.get("state", "?"),
+                      f"{n.get('workers_alive', 0)}/{n.get('workers', 0)}", str(n.get("in_flight_chunks", 0)),
+                      ", ".join(n.get("jobs", [])), f"{now - n.get('updated_at', now):.0f} s ago")
+    _console().print(table)

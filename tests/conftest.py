@@ -1,0 +1,105 @@
+"""Shared fixtures: real processes, real sockets on 127.0.0.1, real stores; no mocks."""
+from __future__ import annotations
+
+import gzip
+import os
+import sys
+from pathlib import Path
+
+import lz4.frame
+import pytest
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).parent / "mesh"))  # sample_tasks, importable by workers too
+
+
+def read_decompressed(path: str) -> bytes:
+    """Independent of mesh.codecs on purpose: the reference must not share the code under test."""
+    raw = Path(path).read_bytes()
+    if path.endswith(".gz"):
+        return gzip.decompress(raw) if raw else b""
+    if path.endswith(".zst"):
+        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    if path.endswith(".lz4"):
+        return lz4.frame.decompress(raw)
+    return raw
+
+
+def reference_run(paths: list[str], task_name: str, params: dict):
+    """The job computed directly in one process, record by record, in input order.
+
+    Returns (output records, reduce result, failed record count)."""
+    from mesh.tasks import resolve_task
+
+    task = resolve_task(task_name)
+    outputs: list[bytes] = []
+    partial = None
+    failed = 0
+    for path in paths:
+        data = read_decompressed(path)
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        for rec in lines:
+            try:
+                if task.is_reduce:
+                    part = task.fn([rec], params)
+                    partial = part if partial is None else task.combine(partial, part)
+                else:
+                    outputs.extend(r if isinstance(r, bytes) else r.encode() for r in task.fn([rec], params))
+            except Exception:
+                failed += 1
+    return outputs, partial, failed
+
+
+@pytest.fixture(scope="session")
+def access_log_records() -> bytes:
+    """About 2 MB of realistic JSON-lines access logs (deterministic)."""
+    import random
+
+    from bench.corpus import LogGenerator
+
+    return LogGenerator(random.Random(11)).block(9000)
+
+
+@pytest.fixture(scope="session")
+def edge_corpus(tmp_path_factory, access_log_records) -> list[str]:
+    """Every input shape the data plane must handle, as an explicit ordered list of paths."""
+    root = tmp_path_factory.mktemp("edge-corpus")
+    lines = access_log_records.split(b"\n")[:-1]
+    files: list[Path] = []
+
+    def add(name: str, data: bytes) -> None:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        files.append(path)
+
+    add("a-plain.jsonl", b"\n".join(lines[:4000]) + b"\n")
+    add("b-gzip.jsonl.gz", gzip.compress(b"\n".join(lines[4000:6000]) + b"\n", mtime=0))
+    add("c-zstd.jsonl.zst", zstandard.ZstdCompressor().compress(b"\n".join(lines[6000:7000]) + b"\n"))
+    add("d-lz4.jsonl.lz4", lz4.frame.compress(b"\n".join(lines[7000:8000]) + b"\n"))
+    add("e-empty.jsonl", b"")
+    add("f-empty.jsonl.gz", gzip.compress(b"", mtime=0))
+    add("g-no-trailing-newline.jsonl", b"\n".join(lines[8000:8100]))
+    add("h-crlf.jsonl", b"\r\n".join(lines[8100:8200]) + b"\r\n")
+    add("i-long-line.jsonl", lines[1] + b"\n" + b'{"status": 404, "url": "/' + b"x" * 300_000 + b'"}\n' + lines[2] + b"\n")
+    add("j-blank-lines.jsonl", lines[3] + b"\n\n" + lines[4] + b"\n")
+    small = lines[8200:9000]
+    for i in range(3000):
+        recs = small[i % 700: i % 700 + 1 + i % 3]
+        body = b"\n".join(recs) + b"\n"
+        if i % 2:
+            add(f"tiny/t-{i:05d}.jsonl.gz", gzip.compress(body, mtime=0))
+        else:
+            add(f"tiny/t-{i:05d}.jsonl", body)
+    return [str(p) for p in files]
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    """One in-process mesh (daemon + 2 pinned worker processes) per test module."""
+    from mesh.testing import running_mesh
+
+    with running_mesh(tmp_path_factory.mktemp("state"), workers=2) as running:
+        yield running

@@ -1,0 +1,160 @@
+"""The whole job path on one host: every built-in task equals a direct computation."""
+from __future__ import annotations
+
+import os
+
+import orjson
+import pytest
+
+from conftest import reference_run
+from mesh.outputs import SUMMARY, iter_output, list_parts
+
+CHUNK = 64 * 1024
+
+TASKS = [
+    ("identity", {}),
+    ("grep", {"pattern": "POST|DELETE"}),
+    ("jsonl", {"where": "status>=400", "fields": "ts,ip,url,status"}),
+    ("count_by", {"field": "status"}),
+]
+
+
+def run(mesh, inputs, task, params, out, **options):
+    job = mesh.client.submit(inputs, task, params, out=str(out), chunk_size=CHUNK, **options)
+    return job, job.wait(timeout_s=90)
+
+
+@pytest.mark.parametrize("task,params", TASKS, ids=[t for t, _ in TASKS])
+def test_builtin_task_equals_direct_computation(mesh, edge_corpus, tmp_path, task, params):
+    job, status = run(mesh, edge_corpus, task, params, tmp_path / "out")
+    assert status["state"] == "done", status
+    expected, expected_result, expected_failed = reference_run(edge_corpus, task, params)
+    summary = status["summary"]
+    assert summary["failed_records"] == expected_failed
+    if task == "count_by":
+        assert job.result() == dict(sorted(expected_result.items()))
+        assert orjson.loads((tmp_path / "out" / "_result.json").read_bytes()) == job.result()
+    else:
+        got = b"".join(iter_output(tmp_path / "out"))
+        assert got == b"".join(r + b"\n" for r in expected)
+        assert summary["records_out"] == len(expected)
+    total_records = sum(1 for _ in _records(edge_corpus))
+    assert summary["records_in"] == total_records
+    assert summary["files"] == len(edge_corpus)
+    assert (tmp_path / "out" / SUMMARY).exists()
+    # thousands of tiny files were bundled: far fewer chunks than files
+    assert summary["chunks_done"] < len(edge_corpus) / 10
+
+
+def _records(paths):
+    from conftest import read_decompressed
+    for p in paths:
+        lines = read_decompressed(p).split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        yield from lines
+
+
+def test_parts_are_one_per_chunk_and_no_temp_files_remain(mesh, edge_corpus, tmp_path):
+    _, status = run(mesh, edge_corpus, "identity", {}, tmp_path / "out")
+    assert status["state"] == "done"
+    names = os.listdir(tmp_path / "out")
+    assert not [n for n in names if n.startswith(".tmp")]
+    parts = list_parts(tmp_path / "out")
+    assert 0 < len(parts) <= status["summary"]["chunks_done"]
+
+
+def test_committed_offsets_cover_every_file(mesh, edge_corpus, tmp_path):
+    job, status = run(mesh, edge_corpus, "identity", {}, tmp_path / "out")
+    offsets = mesh.client.jobs.get_offsets(job.id)
+    assert offsets["files_done"] == len(edge_corpus)
+    assert offsets["partial"] == {} and offsets["done"] == []
+
+
+def test_failing_records_go_to_dead_letters_and_the_job_goes_on(mesh, edge_corpus, tmp_path):
+    marker = "Googlebot"
+    paths = edge_corpus[:4]
+    _, status = run(mesh, paths, "sample_tasks:fail_on", {"marker": marker}, tmp_path / "out",
+                    max_failed_records=100_000)
+    assert status["state"] == "done", status
+    expected, _, failed = reference_run(paths, "sample_tasks:fail_on", {"marker": marker})
+    assert failed > 0
+    assert b"".join(iter_output(tmp_path / "out")) == b"".join(r + b"\n" for r in expected)
+    dead = [orjson.loads(line) for p in list_parts(tmp_path / "out", "dead") for line in p.read_bytes().splitlines()]
+    assert len(dead) == failed == status["summary"]["failed_records"]
+    for entry in dead:
+        assert entry["error"] == f"ValueError: refusing record with {marker}"
+        assert entry["file"] in paths
+        # the offset points at the failing record in the (decompressed) input
+        from conftest import read_decompressed
+        data = read_decompressed(entry["file"])
+        line = data[entry["offset"]:data.index(b"\n", entry["offset"])]
+        assert marker.encode() in line and line.decode()[:1024] == entry["record"]
+
+
+def test_failure_budget_fails_the_job_with_a_clear_reason(mesh, edge_corpus, tmp_path):
+    _, status = run(mesh, edge_corpus[:2], "sample_tasks:always_raises", {}, tmp_path / "out",
+                    max_failed_records=10)
+    assert status["state"] == "failed"
+    assert "exceed the failure budget (max_failed_records=10)" in status["reason"]
+
+
+def test_unknown_task_fails_at_once(mesh, edge_corpus, tmp_path):
+    _, status = run(mesh, edge_corpus[:1], "no_such_module_xyz:fn", {}, tmp_path / "out")
+    assert status["state"] == "failed"
+    assert "cannot import module 'no_such_module_xyz'" in status["reason"]
+    _, status = run(mesh, edge_corpus[:1], "sample_tasks:missing_fn", {}, tmp_path / "out2")
+    assert status["state"] == "failed" and "has no function 'missing_fn'" in status["reason"]
+
+
+def test_bad_params_fail_the_job_with_the_tasks_message(mesh, edge_corpus, tmp_path):
+    _, status = run(mesh, edge_corpus[:1], "count_by", {}, tmp_path / "out")
+    assert status["state"] == "failed"
+    assert "count_by needs param field" in status["reason"]
+
+
+def test_missing_input_fails_with_the_path(mesh, tmp_path):
+    _, status = run(mesh, [str(tmp_path / "nope-*.gz")], "identity", {}, tmp_path / "out")
+    assert status["state"] == "failed"
+    assert "matched no files" in status["reason"]
+
+
+def test_output_dir_of_another_job_is_refused(mesh, edge_corpus, tmp_path):
+    _, first = run(mesh, edge_corpus[:1], "identity", {}, tmp_path / "out")
+    assert first["state"] == "done"
+    _, second = run(mesh, edge_corpus[:1], "identity", {}, tmp_path / "out")
+    assert second["state"] == "failed"
+    assert "already holds the output of job" in second["reason"]
+
+
+def test_corrupt_compressed_input_is_a_dead_letter_not_a_crash(mesh, edge_corpus, tmp_path):
+    bad_small = tmp_path / "bad-small.jsonl.gz"
+    bad_small.write_bytes(b"\x1f\x8b\x08\x00garbage-not-deflate")
+    bad_big = tmp_path / "bad-big.jsonl.gz"
+    import gzip
+    good = gzip.compress(b'{"status": 200}\n' * 50_000, mtime=0)
+    bad_big.write_bytes(good[: len(good) // 2])  # truncated in the middle
+    inputs = [edge_corpus[0], str(bad_small), str(bad_big)]
+    _, status = run(mesh, inputs, "identity", {}, tmp_path / "out")
+    assert status["state"] == "done", status
+    dead = [orjson.loads(line) for p in list_parts(tmp_path / "out", "dead") for line in p.read_bytes().splitlines()]
+    files = {d["file"] for d in dead}
+    assert files == {str(bad_small), str(bad_big)}
+    # the good file is complete, and the readable prefix of the truncated one went through
+    out = b"".join(iter_output(tmp_path / "out"))
+    from conftest import read_decompressed
+    assert out.startswith(read_decompressed(edge_corpus[0]))
+    assert mesh.daemon.dispatcher.statistics().workers == 2
+
+
+def test_cancel_a_running_job(mesh, tmp_path, access_log_records):
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:
+        for _ in range(40):
+            f.write(access_log_records)
+    job = mesh.client.submit([str(big)], "sample_tasks:slow", {"delay_s": 0.05}, out=str(tmp_path / "out"),
+                             chunk_size=CHUNK)
+    job.wait(timeout_s=30, progress=lambda p: p.get("chunks_done", 0) > 0 and job.cancel())
+    status = job.wait(timeout_s=30)
+    assert status["state"] == "cancelled"
+    assert status["reason"] == "cancelled by user"
