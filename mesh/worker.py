@@ -158,7 +158,7 @@ class Worker:
             log.info("chunk_dead_letters", failed=outcome.failed_records)
         hdr, body = frames.encode(Kind.RESULT, job_id=header.job_id, epoch=header.epoch,
                                   chunk_id=header.chunk_id, attempt=header.attempt,
-                                  payload=outcome.output, codec="none", segments=header.segments,
+                                  payload=outcome.output, codec="none",
                                   record_count=outcome.records_out, extra=orjson.dumps(outcome.meta()))
         return [hdr, body]
 
