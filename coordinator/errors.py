@@ -53,3 +53,14 @@ class JobNotFound(MeshError):
     def __init__(self, job_id: str):
         super().__init__(f"no job {job_id!r} in this coordinator (check --coordinator / --state-dir)")
         self.job_id = job_id
+
+
+class MeshBusy(MeshError):
+    """Backpressure: the mesh refuses new work until some drains. `pending` is how many jobs
+    wait, `limit` the configured maximum."""
+
+    def __init__(self, pending: int, limit: int):
+        super().__init__(f"mesh busy: {pending} jobs pending, limit is {limit}; wait for jobs to "
+                         "start, or raise the limit (max_pending)")
+        self.pending = pending
+        self.limit = limit

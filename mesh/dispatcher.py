@@ -77,6 +77,7 @@ class DispatcherStatistics:
     resent_chunks: int
     bad_frames: int
     stale_results: int
+    dropped_chunks: int = 0
 
 
 class Dispatcher:
@@ -279,8 +280,14 @@ class Dispatcher:
                     return
                 header = frames.decode_header(parts[0].buffer)
                 assignment = Assignment(header=header, parts=[parts[0].bytes, parts[1]])
+                if header.job_id not in self.jobs:
+                    # add_job is queued before the job's source starts pushing: apply it now,
+                    # or the job's first chunks would be taken for a removed job's
+                    self._apply_commands()
             if assignment.header.job_id in self.jobs:
                 self._send(link, assignment)
+            else:
+                self._stats.dropped_chunks += 1  # the job was removed (cancelled, finished, failed)
 
     def _pick_worker(self) -> WorkerLink | None:
         best = None

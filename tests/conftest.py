@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import gzip
-import os
-import sys
 from pathlib import Path
 
 import lz4.frame
 import pytest
 import zstandard
 
-sys.path.insert(0, str(Path(__file__).parent / "mesh"))  # sample_tasks, importable by workers too
 
 
 def read_decompressed(path: str) -> bytes:
@@ -103,3 +100,11 @@ def mesh(tmp_path_factory):
 
     with running_mesh(tmp_path_factory.mktemp("state"), workers=2) as running:
         yield running
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet_logs():
+    """Daemons in the test process log like any embedding program configures them: info+."""
+    from mesh.logs import configure_logging
+
+    configure_logging("info", json=False)

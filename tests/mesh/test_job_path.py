@@ -158,3 +158,17 @@ def test_cancel_a_running_job(mesh, tmp_path, access_log_records):
     status = job.wait(timeout_s=30)
     assert status["state"] == "cancelled"
     assert status["reason"] == "cancelled by user"
+
+
+def test_many_jobs_back_to_back_all_complete_exactly(mesh, edge_corpus, tmp_path):
+    """A job's first chunks reach the dispatcher right after the job is registered; none may be
+    mistaken for a removed job's and dropped (regression: those jobs hung forever)."""
+    inputs = edge_corpus[:1]
+    dropped_before = mesh.daemon.dispatcher.statistics().dropped_chunks
+    expected = b"".join(r + b"\n" for r in reference_run(inputs, "identity", {})[0])
+    jobs = [mesh.client.submit(inputs, "identity", {}, out=str(tmp_path / f"out{i}"), chunk_size=CHUNK)
+            for i in range(12)]
+    for i, job in enumerate(jobs):
+        assert job.wait(timeout_s=60)["state"] == "done"
+        assert b"".join(iter_output(tmp_path / f"out{i}")) == expected
+    assert mesh.daemon.dispatcher.statistics().dropped_chunks == dropped_before

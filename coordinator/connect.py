@@ -1,0 +1,42 @@
+"""Open a Store from what a user types: a coordinator URL or a state directory.
+
+* ``None``: ``$MESH_COORDINATOR``, else ``$MESH_STATE_DIR``, else ``~/.local/state/chunkmesh``
+  (the embedded single-host store);
+* ``embedded:///path`` or a plain path: the embedded store in that directory;
+* ``etcd://host:port[,host:port...]``: etcd (see the etcd backend).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mesh.coordinator.errors import StoreUnavailable
+from mesh.coordinator.store import Store
+
+ENV_COORDINATOR = "MESH_COORDINATOR"
+ENV_STATE_DIR = "MESH_STATE_DIR"
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(os.environ.get(ENV_STATE_DIR) or os.path.join(base, "chunkmesh"))
+
+
+def describe(url: str | None) -> str:
+    """The coordinator a user meant, for messages."""
+    return url or os.environ.get(ENV_COORDINATOR) or f"embedded://{default_state_dir()}"
+
+
+def open_store(url: str | None = None) -> Store:
+    url = url or os.environ.get(ENV_COORDINATOR)
+    if not url:
+        from mesh.coordinator.embedded import open_embedded_store
+        return open_embedded_store(default_state_dir())
+    if url.startswith("etcd://"):
+        raise StoreUnavailable(f"coordinator {url}: the etcd backend is not available in this version; "
+                               "use an embedded state directory (embedded:///path)")
+    path = url[len("embedded://"):] if url.startswith("embedded://") else url
+    if "://" in path:
+        raise StoreUnavailable(f"coordinator {url!r}: unknown scheme; use etcd://host:port or embedded:///path")
+    from mesh.coordinator.embedded import open_embedded_store
+    return open_embedded_store(Path(path))

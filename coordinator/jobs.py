@@ -1,0 +1,381 @@
+"""Job records on top of any `Store`: specs, states, ownership with fencing, offsets, progress.
+
+Key layout under the prefix `p` (default "chunkmesh/"), one folder per job:
+
+    {p}jobs/{id}/spec      JobSpec JSON, written once at submit
+    {p}jobs/{id}/state     {"state", "reason", "updated_at"}; states in JOB_STATES
+    {p}jobs/{id}/owner     {"node"}, attached to the owner's lease; exists only while running.
+                           Its create_revision is the owner's EPOCH, a fencing token
+    {p}jobs/{id}/offsets   committed offsets (opaque to this module)
+    {p}jobs/{id}/progress  aggregate counters (opaque to this module)
+    {p}jobs/{id}/summary   written by finish()
+    {p}jobs/{id}/cancel    present = cancel requested
+
+Why fencing: a lease is not mutual exclusion. An owner that stalls (GC pause, partition) past its
+lease TTL loses the owner key, another node claims the job with a new epoch, and the old owner
+may wake up and write. Every owner write is therefore a txn that compares the owner key's
+create_revision with the writer's epoch; a stale writer gets `NotOwner` and writes nothing.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+from mesh.coordinator.errors import InvalidSpec, JobNotFound, MeshBusy, NotOwner, StoreError
+from mesh.coordinator.store import (
+    Delete, Get, KeyValue, Put, Store, Watch, absent, created_at, mod_is,
+)
+
+__all__ = [
+    "JobSpec", "JobStore", "JOB_STATES", "TERMINAL_STATES", "CODECS",
+    "MIN_CHUNK_SIZE", "MAX_CHUNK_SIZE", "DEFAULT_CHUNK_SIZE",
+]
+
+JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
+TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
+CODECS = ("auto", "none", "lz4", "zstd")
+MIN_CHUNK_SIZE = 64 * 1024
+MAX_CHUNK_SIZE = 256 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+_TASK_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+_TASK_BUILTIN = re.compile(r"[a-z_]+")
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_RACE_RETRIES = 10  # read-then-CAS loops give up after this many lost races in a row
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobSpec:
+    """What to run: `inputs` (paths or globs, resolved by the data plane), `task`
+    ("package.module:function" or a built-in name), JSON `params`, output dir `out`,
+    `chunk_size` in bytes, wire `codec`, and the failure budget `max_failed_records`.
+    A list given as `inputs` is stored as a tuple."""
+
+    inputs: tuple[str, ...]
+    task: str
+    out: str
+    params: dict = field(default_factory=dict)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    codec: str = "auto"
+    max_failed_records: int = 1000
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inputs, list):
+            object.__setattr__(self, "inputs", tuple(self.inputs))
+
+    def _problems(self) -> list[tuple[str, str]]:
+        """(field, message) for every broken rule."""
+        out: list[tuple[str, str]] = []
+        inputs = self.inputs
+        if isinstance(inputs, str):
+            out.append(("inputs", f"inputs must be a list of paths or globs, not a single string (got {inputs!r})"))
+        elif not isinstance(inputs, tuple):
+            out.append(("inputs", f"inputs must be a list of paths or globs (got {type(inputs).__name__})"))
+        elif not inputs:
+            out.append(("inputs", "inputs must name at least one path or glob (got [])"))
+        else:
+            out += [("inputs", f"inputs[{i}] must be a non-empty string (got {p!r})")
+                    for i, p in enumerate(inputs) if not isinstance(p, str) or not p]
+        task = self.task
+        if not isinstance(task, str) or not (_TASK_PATH.fullmatch(task) or _TASK_BUILTIN.fullmatch(task)):
+            out.append(("task", "task must be 'package.module:function' or a built-in name matching "
+                                f"[a-z_]+ (got {self.task!r})"))
+        if not isinstance(self.params, dict):
+            out.append(("params", f"params must be a JSON object (got {type(self.params).__name__})"))
+        else:
+            try:
+                same = json.loads(json.dumps(self.params, allow_nan=False)) == self.params
+            except (TypeError, ValueError) as exc:
+                same, why = False, str(exc)
+            else:
+                why = "string keys only, lists not tuples"
+            if not same:
+                out.append(("params", f"params must survive a JSON round trip unchanged ({why}) (got {self.params!r})"))
+        if not isinstance(self.out, str) or not self.out:
+            out.append(("out", f"out must be a non-empty output directory path (got {self.out!r})"))
+        cs = self.chunk_size
+        if not _is_int(cs):
+            out.append(("chunk_size", f"chunk_size must be an int number of bytes (got {cs!r})"))
+        elif cs < MIN_CHUNK_SIZE:
+            out.append(("chunk_size", f"chunk_size must be >= {MIN_CHUNK_SIZE} bytes (64 KiB) (got {cs})"))
+        elif cs > MAX_CHUNK_SIZE:
+            out.append(("chunk_size", f"chunk_size must be <= {MAX_CHUNK_SIZE} bytes (256 MiB) (got {cs})"))
+        if self.codec not in CODECS:
+            out.append(("codec", f"codec must be one of {', '.join(CODECS)} (got {self.codec!r})"))
+        mfr = self.max_failed_records
+        if not _is_int(mfr) or mfr < 0:
+            out.append(("max_failed_records", f"max_failed_records must be an int >= 0 (got {mfr!r})"))
+        return out
+
+    def problems(self) -> list[str]:
+        """Every broken rule, each naming the field, the rule and the value; [] when valid."""
+        return [message for _, message in self._problems()]
+
+    def validate(self) -> "JobSpec":
+        """Return self when valid; raise InvalidSpec listing every problem otherwise."""
+        problems = self.problems()
+        if problems:
+            raise InvalidSpec(problems)
+        return self
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys, compact): equal specs give equal bytes."""
+        doc = asdict(self)
+        doc["inputs"] = list(self.inputs)
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "JobSpec":
+        """Parse and validate; raise InvalidSpec with every problem (bad JSON, unknown or
+        missing fields, broken rules) at once."""
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise InvalidSpec([f"job spec must be valid JSON ({exc})"]) from exc
+        if not isinstance(doc, dict):
+            raise InvalidSpec([f"job spec must be a JSON object (got {type(doc).__name__})"])
+        names = [f.name for f in fields(cls)]
+        problems = [f"{k} is not a job spec field (known: {', '.join(names)})" for k in sorted(doc) if k not in names]
+        missing = [k for k in ("inputs", "task", "out") if k not in doc]
+        problems += [f"{k} is required" for k in missing]
+        placeholders = {"inputs": ("-",), "task": "x", "out": "-"}
+        spec = cls(**{**{k: placeholders[k] for k in missing}, **{k: v for k, v in doc.items() if k in names}})
+        problems += [msg for name, msg in spec._problems() if name not in missing]
+        if problems:
+            raise InvalidSpec(problems)
+        return spec
+
+
+def _dumps(doc: object) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _loads(kv: KeyValue) -> dict:
+    try:
+        doc = json.loads(kv.value)
+    except ValueError as exc:
+        raise StoreError(f"job record {kv.key} is not valid JSON ({exc}); delete the job or fix the key") from exc
+    if not isinstance(doc, dict):
+        raise StoreError(f"job record {kv.key} must be a JSON object (got {type(doc).__name__})")
+    return doc
+
+
+class JobStore:
+    """Job records in a `Store` under `prefix`. Stateless apart from its arguments: any number
+    of JobStores (processes, hosts) may share one store."""
+
+    def __init__(self, store: Store, prefix: str = "chunkmesh/", *, wall_clock: Callable[[], float] = time.time):
+        if not isinstance(prefix, str) or not prefix.endswith("/"):
+            raise ValueError(f"prefix must be a str ending with '/' (got {prefix!r})")
+        self.store = store
+        self.prefix = prefix
+        self.jobs_prefix = prefix + "jobs/"
+        self._wall_clock = wall_clock
+
+    # -- keys ------------------------------------------------------------------------------
+    def key(self, job_id: str, part: str) -> str:
+        """The store key of one record of a job (part: spec, state, owner, offsets, ...)."""
+        if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+            raise ValueError(f"job id must match {_JOB_ID.pattern} (got {job_id!r})")
+        return f"{self.jobs_prefix}{job_id}/{part}"
+
+    def parse_key(self, key: str) -> tuple[str, str] | None:
+        """(job_id, part) for a key under this store's jobs prefix, else None (for watchers)."""
+        if not key.startswith(self.jobs_prefix):
+            return None
+        job_id, _, part = key[len(self.jobs_prefix):].partition("/")
+        return (job_id, part) if part else None
+
+    def new_job_id(self) -> str:
+        """Sortable by submission second (UTC), unique by 24 random bits: j-YYYYmmdd-HHMMSS-xxxxxx."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self._wall_clock()))
+        return f"j-{stamp}-{secrets.token_hex(3)}"
+
+    def _state_doc(self, state: str, reason: str) -> bytes:
+        if state not in JOB_STATES:
+            raise ValueError(f"state must be one of {', '.join(JOB_STATES)} (got {state!r})")
+        return _dumps({"state": state, "reason": reason, "updated_at": self._wall_clock()})
+
+    def _read(self, job_id: str, *parts: str) -> list[KeyValue | None]:
+        """One consistent read of the spec (JobNotFound if absent) and the given parts."""
+        result = self.store.txn([], [Get(self.key(job_id, p)) for p in ("spec", *parts)])
+        if result.responses[0] is None:
+            raise JobNotFound(job_id)
+        return result.responses
+
+    # -- submitting and reading ------------------------------------------------------------
+    def submit(self, spec: JobSpec, *, max_pending: int | None = None) -> str:
+        """Validate and store a new pending job (spec and state in one txn); return its id.
+        With `max_pending`, raise MeshBusy when that many jobs already wait. The limit is a
+        backpressure signal, not a hard cap: concurrent submitters may overshoot it slightly."""
+        spec.validate()
+        if max_pending is not None:
+            pending = len(self.pending_jobs())
+            if pending >= max_pending:
+                raise MeshBusy(pending, max_pending)
+        for _ in range(_RACE_RETRIES):
+            job_id = self.new_job_id()
+            spec_key = self.key(job_id, "spec")
+            result = self.store.txn([absent(spec_key)], [
+                Put(spec_key, spec.to_json().encode()),
+                Put(self.key(job_id, "state"), self._state_doc("pending", "submitted"))])
+            if result.succeeded:
+                return job_id
+        raise StoreError(f"could not find an unused job id in {_RACE_RETRIES} tries under {self.jobs_prefix}")
+
+    def get_spec(self, job_id: str) -> JobSpec:
+        return JobSpec.from_json(self._read(job_id)[0].value)
+
+    def get_state(self, job_id: str) -> dict:
+        """{"state", "reason", "updated_at"}; JobNotFound if there is no such job."""
+        state_kv = self._read(job_id, "state")[1]
+        if state_kv is None:
+            raise StoreError(f"job {job_id} has a spec but no state record ({self.key(job_id, 'state')})")
+        return _loads(state_kv)
+
+    def _scan(self) -> list[tuple[str, dict[str, KeyValue]]]:
+        """Every job's records from one snapshot, in submission order (spec create_revision)."""
+        kvs, _ = self.store.range(self.jobs_prefix)
+        jobs: dict[str, dict[str, KeyValue]] = {}
+        for kv in kvs:
+            parsed = self.parse_key(kv.key)
+            if parsed:
+                jobs.setdefault(parsed[0], {})[parsed[1]] = kv
+        ordered = [(jid, parts) for jid, parts in jobs.items() if "spec" in parts and "state" in parts]
+        return sorted(ordered, key=lambda item: item[1]["spec"].create_revision)
+
+    def list_jobs(self) -> list[dict]:
+        """One dict per job, in submission order: id, state, reason, updated_at, task,
+        owner (node id or None), cancel_requested."""
+        out = []
+        for job_id, parts in self._scan():
+            state = _loads(parts["state"])
+            out.append({
+                "id": job_id, "state": state.get("state"), "reason": state.get("reason", ""),
+                "updated_at": state.get("updated_at"), "task": _loads(parts["spec"]).get("task"),
+                "owner": _loads(parts["owner"]).get("node") if "owner" in parts else None,
+                "cancel_requested": "cancel" in parts,
+            })
+        return out
+
+    def pending_jobs(self) -> list[str]:
+        """Ids of pending jobs, oldest first."""
+        return [jid for jid, parts in self._scan() if _loads(parts["state"]).get("state") == "pending"]
+
+    # -- ownership -------------------------------------------------------------------------
+    def claim(self, job_id: str, node_id: str, lease_id: int) -> int | None:
+        """Become the job's owner: in one txn, create the owner key on `lease_id` and set the
+        state running, provided nobody owns it and it is pending or running (a running job
+        without owner lost its owner's lease). Return the epoch (the owner key's create
+        revision), or None when another node owns it or the job is finished. Raises
+        LeaseNotFound when the caller's own lease is gone."""
+        owner_key, state_key = self.key(job_id, "owner"), self.key(job_id, "state")
+        for _ in range(_RACE_RETRIES):
+            _, state_kv, owner_kv = self._read(job_id, "state", "owner")
+            if owner_kv is not None or state_kv is None:
+                return None
+            if _loads(state_kv).get("state") not in ("pending", "running"):
+                return None
+            result = self.store.txn([absent(owner_key), mod_is(state_key, state_kv.mod_revision)], [
+                Put(owner_key, _dumps({"node": node_id}), lease=lease_id),
+                Put(state_key, self._state_doc("running", f"claimed by {node_id}"))])
+            if result.succeeded:
+                return result.revision
+        return None
+
+    def _fenced(self, job_id: str, epoch: int, ops: list) -> int:
+        if not _is_int(epoch) or epoch < 1:
+            raise ValueError(f"epoch must be an int >= 1 returned by claim() (got {epoch!r})")
+        result = self.store.txn([created_at(self.key(job_id, "owner"), epoch)], ops)
+        if not result.succeeded:
+            raise NotOwner(job_id, epoch)
+        return result.revision
+
+    def commit(self, job_id: str, epoch: int, *, offsets: dict | None = None, progress: dict | None = None) -> int:
+        """Fenced write of offsets and/or progress in one txn; return the revision.
+        Raises NotOwner (and writes nothing) when `epoch` no longer owns the job."""
+        ops = []
+        if offsets is not None:
+            ops.append(Put(self.key(job_id, "offsets"), _dumps(offsets)))
+        if progress is not None:
+            ops.append(Put(self.key(job_id, "progress"), _dumps(progress)))
+        return self._fenced(job_id, epoch, ops)
+
+    def set_state(self, job_id: str, epoch: int, state: str, reason: str = "") -> int:
+        """Fenced state change. The owner key exists only while running: setting "pending"
+        hands the job back (another node may claim it), a terminal state finishes it."""
+        ops: list = [Put(self.key(job_id, "state"), self._state_doc(state, reason))]
+        if state != "running":
+            ops.append(Delete(self.key(job_id, "owner")))
+        return self._fenced(job_id, epoch, ops)
+
+    def finish(self, job_id: str, epoch: int, state: str, *, reason: str = "", summary: dict | None = None) -> int:
+        """Fenced end of a job: terminal state, summary and release of the owner key in one txn."""
+        if state not in TERMINAL_STATES:
+            raise ValueError(f"finish state must be one of {', '.join(sorted(TERMINAL_STATES))} (got {state!r})")
+        ops: list = [Put(self.key(job_id, "state"), self._state_doc(state, reason)),
+                     Delete(self.key(job_id, "owner"))]
+        if summary is not None:
+            ops.append(Put(self.key(job_id, "summary"), _dumps(summary)))
+        return self._fenced(job_id, epoch, ops)
+
+    # -- records ---------------------------------------------------------------------------
+    def _part(self, job_id: str, part: str) -> dict | None:
+        kv = self._read(job_id, part)[1]
+        return None if kv is None else _loads(kv)
+
+    def get_offsets(self, job_id: str) -> dict:
+        """Committed offsets ({} before the first commit)."""
+        return self._part(job_id, "offsets") or {}
+
+    def get_progress(self, job_id: str) -> dict:
+        """Progress counters ({} before the first commit)."""
+        return self._part(job_id, "progress") or {}
+
+    def get_summary(self, job_id: str) -> dict | None:
+        """The summary written by finish(), or None while the job has none."""
+        return self._part(job_id, "summary")
+
+    # -- cancel, watch, delete -------------------------------------------------------------
+    def request_cancel(self, job_id: str) -> str:
+        """Ask for the job to stop; return its state afterwards. A job nobody owns (pending,
+        or running with a dead owner) is cancelled at once in one txn; an owned one gets the
+        cancel key and its owner stops it; a finished one is left alone."""
+        cancel_key, state_key, owner_key = (self.key(job_id, p) for p in ("cancel", "state", "owner"))
+        for _ in range(_RACE_RETRIES):
+            spec_kv, state_kv, owner_kv = self._read(job_id, "state", "owner")
+            state = _loads(state_kv).get("state") if state_kv else None
+            if state in TERMINAL_STATES:
+                return state
+            mark = Put(cancel_key, _dumps({"requested_at": self._wall_clock()}))
+            if owner_kv is None and state_kv is not None:
+                compares = [absent(owner_key), mod_is(state_key, state_kv.mod_revision)]
+                ops = [mark, Put(state_key, self._state_doc("cancelled", "cancelled before an owner ran it"))]
+                new_state = "cancelled"
+            else:
+                compares, ops, new_state = [created_at(spec_kv.key, spec_kv.create_revision)], [mark], state
+            if self.store.txn(compares, ops).succeeded:
+                return new_state
+        raise StoreError(f"job {job_id}: cancel lost {_RACE_RETRIES} races in a row; retry")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.store.get(self.key(job_id, "cancel")) is not None
+
+    def watch_jobs(self, start_revision: int | None = None) -> Watch:
+        """A watch over every job record; map keys back with parse_key()."""
+        return self.store.watch(self.jobs_prefix, start_revision=start_revision)
+
+    def delete_job(self, job_id: str) -> int:
+        """Delete every record of the job (a live owner's next fenced write raises NotOwner);
+        return the number of keys deleted. JobNotFound when there was nothing."""
+        count = self.store.delete_prefix(self.key(job_id, ""))
+        if count == 0:
+            raise JobNotFound(job_id)
+        return count
