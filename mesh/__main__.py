@@ -1,5 +1,8 @@
+"""`python -m mesh` is meshctl."""
 import sys
 
 from mesh.cli import main
 
-sys.exit(main())
+# Guarded: worker processes import the main module again (as __mp_main__).
+if __name__ == "__main__":
+    sys.exit(main())
