@@ -44,7 +44,7 @@ import re
 import sys
 import time
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from itertools import accumulate
 from pathlib import Path

@@ -14,7 +14,7 @@ import tempfile
 import orjson
 
 from mesh.codecs.compression import CODEC_NAMES
-from mesh.coordinator.connect import describe, open_store
+from mesh.coordinator.connect import describe
 from mesh.errors import CodecError, InvalidSpec, JobNotFound, MeshBusy, MeshError, StoreUnavailable
 
 EXIT_OK = 0            # the command did what was asked (a job ended `done`)

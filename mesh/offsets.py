@@ -59,3 +59,7 @@ class Watermarks:
             "done": sorted(self.done),
             "partial": {str(k): v for k, v in sorted(self.next.items()) if v > 0},
         }
+
+    def covers(self, spans: Iterable[tuple[int, int, int, bool]]) -> bool:
+        """Are all these spans below the watermark (durable, never redone on resume)?"""
+        return all(self.is_done(f) or (not eof and self.next.get(f, 0) >= end) for f, _, end, eof in spans)

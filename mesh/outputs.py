@@ -6,6 +6,7 @@ Layout::
     OUT/part-FFFFFFFF-OOOOOOOOOOOOOOO.zst   map output of the chunk starting at (file F, offset O)
     OUT/part-FFFFFFFF-OOOOOOOOOOOOOOO.json  reduce partial of that chunk
     OUT/dead-FFFFFFFF-OOOOOOOOOOOOOOO.jsonl dead letters of that chunk (file, offset, error, record)
+    OUT/unreadable-FFFFFFFF-OOOOOOOOOOOOOOO.jsonl  input that could not be read from (file F, offset O)
     OUT/_result.json                    reduce result, OUT/_summary.json: the job summary
 
 A part is keyed by where its chunk starts, so a replayed chunk replaces its part instead of
@@ -28,12 +29,15 @@ from mesh.errors import OutputError
 INPUTS = "_inputs.json"
 SUMMARY = "_summary.json"
 RESULT = "_result.json"
-_PART = re.compile(r"^(part|dead)-(\d{8})-(\d{15})\.(zst|json|jsonl)$")
+_PART = re.compile(r"^(part|dead|unreadable)-(\d{8})-(\d{15})\.(zst|json|jsonl)$")
+_NAMES = {"part": ("part", "zst"), "partial": ("part", "json"), "dead": ("dead", "jsonl"),
+          "unreadable": ("unreadable", "jsonl")}
 
 
 def part_name(kind: str, file_index: int, offset: int) -> str:
-    suffix = {"part": "zst", "partial": "json", "dead": "jsonl"}[kind]
-    prefix = "dead" if kind == "dead" else "part"
+    """Dead letters of a chunk (`dead`) and of the source (`unreadable`) have their own names:
+    an unreadable file inside a bundle starts where the bundle does."""
+    prefix, suffix = _NAMES[kind]
     return f"{prefix}-{file_index:08d}-{offset:015d}.{suffix}"
 
 
@@ -111,11 +115,13 @@ class OutputDir:
 
 
 def list_parts(path: str | os.PathLike, kind: str = "part") -> list[Path]:
-    """Parts (or dead letters) of an output directory, in input order: file, then offset."""
+    """Files of one kind (`part`, `dead`, `unreadable`) of an output directory, in input order:
+    file, then offset."""
     found = []
     for entry in os.scandir(path):
         m = _PART.match(entry.name)
-        if m and m.group(1) == kind and (kind != "part" or m.group(4) == "zst"):
+        prefix, suffix = _NAMES[kind]
+        if m and m.group(1) == prefix and m.group(4) == suffix:
             found.append((int(m.group(2)), int(m.group(3)), Path(entry.path)))
     return [p for _, _, p in sorted(found)]
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import orjson
 import structlog
@@ -25,8 +24,9 @@ from mesh.codecs.frames import Kind
 from mesh.coordinator.jobs import JobSpec, JobStore
 from mesh.dispatcher import Assignment, Dispatcher, JobRoute
 from mesh.errors import MeshError, NotOwner
+from mesh.accounting import Accounting, Tally
 from mesh.offsets import Watermarks
-from mesh.outputs import RESULT, SUMMARY, OutputDir, part_name
+from mesh.outputs import RESULT, SUMMARY, OutputDir, list_parts, part_name
 from mesh.source import InputFailure, PlannedChunk, expand_inputs, plan_chunks, stat_inputs
 from mesh.tasks import resolve_task
 from mesh.worker import node_of
@@ -42,22 +42,12 @@ class OwnerSettings:
 
 
 @dataclass
-class Counters:
-    records_in: int = 0
-    records_out: int = 0
-    failed_records: int = 0
-    bytes_in: int = 0
-    bytes_read: int = 0
-    bytes_total: int = 0
+class Plan:
+    """What the source has planned so far (the work done is in `Accounting`)."""
     files: int = 0
+    bytes_total: int = 0
     chunks_planned: int = 0
-    chunks_done: int = 0
-    chunks_resent: int = 0
     planning_done: bool = False
-    nodes: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 class Owner:
@@ -70,10 +60,9 @@ class Owner:
         self.log = structlog.get_logger("mesh.owner").bind(node=node_id, job=job_id, epoch=epoch)
         self.inbox: queue.Queue = queue.Queue()
         self.stop_source = threading.Event()
-        self.counters = Counters()
+        self.plan = Plan()
         self.planned: dict[int, PlannedChunk] = {}
-        self.watermarks = Watermarks()
-        self.partial: Any = None
+        self.accounting = Accounting(Watermarks())
         self.task = None
         self.out: OutputDir | None = None
         self.paths: list[str] = []
@@ -120,7 +109,13 @@ class Owner:
             self._source_thread = threading.Thread(target=self._source, name=f"source-{self.job_id}", daemon=True)
             self._source_thread.start()
             self.log.info("job_started", files=len(self.paths), task=self.spec.task)
-            self._loop()
+            try:
+                self._loop()
+            except NotOwner:
+                raise
+            except MeshError as exc:  # e.g. the output directory became unwritable or full
+                self.log.warning("job_failed", error=str(exc))
+                self._finish("failed", str(exc))
         except NotOwner as exc:
             self.log.warning("owner_fenced_out", error=str(exc))
         except Exception:
@@ -142,15 +137,12 @@ class Owner:
         self.paths = self.out.claim(self.job_id, expand_inputs(self.spec.inputs))
         files = stat_inputs(self.paths)
         self.files = files
-        self.counters.files = len(files)
-        self.counters.bytes_total = sum(f.size for f in files)
+        self.plan.files = len(files)
+        self.plan.bytes_total = sum(f.size for f in files)
         committed = self.jobs.get_offsets(self.job_id)
         self.committed = Watermarks(committed)  # read by the source thread only
-        self.watermarks = Watermarks(committed)  # advanced by this thread only
-        if committed:  # resuming: counters committed in the same txn as these offsets
-            previous = self.jobs.get_progress(self.job_id) or {}
-            for name in ("records_in", "records_out", "failed_records", "bytes_in", "bytes_read"):
-                setattr(self.counters, name, int(previous.get(name, 0)))
+        durable = (self.jobs.get_progress(self.job_id) or {}).get("durable") if committed else None
+        self.accounting = Accounting(Watermarks(committed), durable)  # this thread only
 
     def _source(self) -> None:
         """Source thread: plan chunks and push them to the dispatcher (blocking = backpressure)."""
@@ -202,10 +194,12 @@ class Owner:
             if error:
                 self._finish("failed", error)
                 return
-            if self.counters.failed_records > self.spec.max_failed_records:
-                self._finish("failed", f"{self.counters.failed_records} failed records exceed the failure budget "
+            failed = self.accounting.total().failed_records
+            if failed > self.spec.max_failed_records:
+                self._finish("failed", f"{failed} failed records exceed the failure budget "
                                        f"(max_failed_records={self.spec.max_failed_records}); "
-                                       f"dead letters are in {self.spec.out}/dead-*.jsonl")
+                                       f"dead letters are in {self.spec.out}/dead-*.jsonl "
+                                       "(and unreadable-*.jsonl)")
                 return
             if self._complete():
                 self._commit()
@@ -216,19 +210,17 @@ class Owner:
                 self._commit()
 
     def _handle(self, kind: str, arg) -> str | None:
-        c = self.counters
         if kind == "planned":
             chunk_id, chunk = arg
             self.planned[chunk_id] = chunk
-            c.chunks_planned += 1
+            self.plan.chunks_planned += 1
         elif kind == "planned_all":
-            c.planning_done = True
+            self.plan.planning_done = True
         elif kind == "input_failure":
             self._dead_letters(arg.file_index, arg.offset, [{"file_index": arg.file_index, "offset": arg.offset,
-                                                              "error": arg.error, "record": ""}])
-            c.failed_records += 1
-            c.bytes_read += arg.disk_bytes
-            self.watermarks.complete([(arg.file_index, arg.offset, arg.offset, True)])
+                                                              "error": arg.error, "record": ""}], kind="unreadable")
+            self.accounting.finished([(arg.file_index, arg.offset, arg.offset, True)],
+                                     Tally(failed_records=1, bytes_read=arg.disk_bytes))
         elif kind == "result":
             return self._on_result(*arg)
         elif kind == "poison":
@@ -245,19 +237,14 @@ class Owner:
         if self.task.is_reduce:
             partial = body.get("partial")
             self.out.write_or_remove(part_name("partial", *key), orjson.dumps(partial) if partial is not None else None)
-            if partial is not None:
-                self.partial = partial if self.partial is None else self.task.combine(self.partial, partial)
         else:
             self.out.write_or_remove(part_name("part", *key), payload)
-        dead = body.get("dead_letters") or []
-        self._dead_letters(*key, dead)
-        c = self.counters
+        self._dead_letters(*key, body.get("dead_letters") or [])
         records = int(body.get("records_in", 0))
-        c.records_in += records
-        c.records_out += int(body.get("records_out", 0))
-        c.failed_records += int(body.get("failed_records", 0))
-        c.bytes_in += int(body.get("bytes_in", 0))
-        self._chunk_done(chunk, node_of(identity), records)
+        tally = Tally(records_in=records, records_out=int(body.get("records_out", 0)),
+                      failed_records=int(body.get("failed_records", 0)), bytes_in=int(body.get("bytes_in", 0)),
+                      nodes={node_of(identity): {"chunks": 1, "records": records}})
+        self._chunk_done(chunk, tally)
         return None
 
     def _on_poison(self, assignment: Assignment) -> None:
@@ -268,35 +255,28 @@ class Owner:
                  "(poison chunk: a task that crashes the interpreter or exhausts memory)")
         dead = [{"file_index": s.file_index, "offset": s.start, "error": error, "record": ""} for s in chunk.segments]
         self._dead_letters(*chunk.key, dead)
-        self.counters.failed_records += max(1, chunk.records)
         self.log.warning("poison_chunk", chunk=assignment.header.chunk_id, blame=assignment.blame)
-        if not self.task.is_reduce:
-            self.out.write_or_remove(part_name("part", *chunk.key), None)
-        self._chunk_done(chunk, None, 0)
+        self.out.write_or_remove(part_name("partial" if self.task.is_reduce else "part", *chunk.key), None)
+        self._chunk_done(chunk, Tally(failed_records=max(1, chunk.records)))
 
-    def _chunk_done(self, chunk: PlannedChunk, node: str | None, records: int) -> None:
-        c = self.counters
-        c.chunks_done += 1
-        c.bytes_read += chunk.disk_bytes
-        if node is not None:
-            per_node = c.nodes.setdefault(node, {"chunks": 0, "records": 0})
-            per_node["chunks"] += 1
-            per_node["records"] += records
-        self.watermarks.complete(chunk.spans())
+    def _chunk_done(self, chunk: PlannedChunk, tally: Tally) -> None:
+        tally.chunks_done = 1
+        tally.bytes_read += chunk.disk_bytes
+        self.accounting.finished(chunk.spans(), tally)
         self._since_commit += 1
 
-    def _dead_letters(self, file_index: int, offset: int, entries: list[dict]) -> None:
+    def _dead_letters(self, file_index: int, offset: int, entries: list[dict], kind: str = "dead") -> None:
         for entry in entries:
-            entry["file"] = self.paths[entry["file_index"]] if 0 <= entry.get("file_index", -1) < len(self.paths) else None
+            index = entry.get("file_index", -1)
+            entry["file"] = self.paths[index] if isinstance(index, int) and 0 <= index < len(self.paths) else None
         data = b"".join(orjson.dumps(e) + b"\n" for e in entries) if entries else None
-        self.out.write_or_remove(part_name("dead", file_index, offset), data)
+        self.out.write_or_remove(part_name(kind, file_index, offset), data)
 
     def _complete(self) -> bool:
-        c = self.counters
-        return c.planning_done and not self.planned and c.chunks_done >= c.chunks_planned
+        return self.plan.planning_done and not self.planned
 
     def _progress(self) -> dict:
-        doc = self.counters.as_dict()
+        doc = {**self.accounting.total().to_doc(), **self.plan.__dict__, "durable": self.accounting.durable.to_doc()}
         doc["seconds"] = round(time.monotonic() - self.started, 3)
         doc["updated_at"] = time.time()
         stats = self.dispatcher.statistics()
@@ -306,7 +286,8 @@ class Owner:
 
     def _commit(self) -> None:
         self.out.sync()
-        self.jobs.commit(self.job_id, self.epoch, offsets=self.watermarks.to_doc(), progress=self._progress())
+        self.jobs.commit(self.job_id, self.epoch, offsets=self.accounting.watermarks.to_doc(),
+                         progress=self._progress())
         self._since_commit = 0
         self._last_commit = time.monotonic()
 
@@ -314,16 +295,27 @@ class Owner:
         self.stop_source.set()
         summary = self._progress()
         summary["state"] = state
+        summary.pop("durable", None)
         if self.task is not None and self.task.is_reduce and state == "done":
-            summary["result"] = _sorted(self.partial)
-            if self.out is not None:
-                self.out.write(RESULT, orjson.dumps(summary["result"]))
+            summary["result"] = _sorted(merge_partials(self.out.path, self.task.combine))
+            self.out.write(RESULT, orjson.dumps(summary["result"]))
         if self.out is not None and state == "done":
             self.out.write(SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
             self.out.sync()
         self.jobs.finish(self.job_id, self.epoch, state, reason=reason, summary=summary)
         self.log.info("job_finished", state=state, reason=reason, records_in=summary["records_in"],
                       seconds=summary["seconds"])
+
+
+def merge_partials(out_dir, combine):
+    """The reduce result: every chunk's partial file merged once, in input order. Each chunk has
+    exactly one partial file (a replay replaces it), so nothing is counted twice, whoever owned
+    the job when."""
+    result = None
+    for path in list_parts(out_dir, "partial"):
+        partial = orjson.loads(path.read_bytes())
+        result = partial if result is None else combine(result, partial)
+    return result
 
 
 def _sorted(partial):

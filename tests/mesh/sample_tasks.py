@@ -7,6 +7,9 @@ import signal
 import orjson
 import psutil
 
+from mesh.tasks import reduce_task
+from mesh.tasks.builtin import count_by, merge_counts
+
 
 def affinity(records, params):
     """One line per chunk: the worker's pid and CPU affinity, read inside the worker."""
@@ -39,3 +42,10 @@ def slow(records, params):
     import time
     time.sleep(float(params.get("delay_s", 0.05)))
     return records
+
+
+@reduce_task(combine=merge_counts)
+def slow_count(records, params):
+    import time
+    time.sleep(float(params.get("delay_s", 0.05)))
+    return count_by(records, params)

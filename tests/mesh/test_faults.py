@@ -141,22 +141,52 @@ def test_a_chunk_that_kills_workers_goes_to_dead_letters(mesh, edge_corpus, tmp_
 
 
 def test_a_stopped_daemons_job_resumes_from_committed_offsets(tmp_path, access_log_records):
+    """Map and reduce: exact output, counters that count every record once, and only chunks
+    past the committed watermark are redone."""
     path = big_input(tmp_path, access_log_records, 6)
+    records = access_log_records.count(b"\n") * 6
     state = tmp_path / "state"
-    out = tmp_path / "out"
     with running_mesh(state, workers=2) as first:
-        job = first.client.submit([path], "sample_tasks:slow", {"delay_s": 0.01}, out=str(out), chunk_size=CHUNK)
-        wait_until(lambda: first.client.jobs.get_offsets(job.id).get("partial"), 60, "offsets committed")
-    committed = None
+        jobs = {
+            "map": first.client.submit([path], "sample_tasks:slow", {"delay_s": 0.01}, out=str(tmp_path / "map"),
+                                       chunk_size=CHUNK),
+            "reduce": first.client.submit([path], "sample_tasks:slow_count", {"field": "status", "delay_s": 0.01},
+                                          out=str(tmp_path / "reduce"), chunk_size=CHUNK),
+        }
+        wait_until(lambda: all(first.client.jobs.get_offsets(j.id).get("partial") for j in jobs.values()), 60,
+                   "offsets committed for both jobs")
     with running_mesh(state, workers=2) as second:
-        committed = second.client.jobs.get_offsets(job.id)
-        assert second.client.job(job.id).status()["state"] == "running"
-        status = second.client.job(job.id).wait(timeout_s=120)
+        durable = {k: second.client.jobs.get_progress(j.id)["durable"]["chunks_done"] for k, j in jobs.items()}
+        assert all(second.client.job(j.id).status()["state"] == "running" for j in jobs.values())
+        done = {k: second.client.job(j.id).wait(timeout_s=120) for k, j in jobs.items()}
+    assert all(d["state"] == "done" for d in done.values()), done
+    assert b"".join(iter_output(tmp_path / "map")) == access_log_records * 6
+    _, expected_counts, _ = reference_run([path], "count_by", {"field": "status"})
+    assert done["reduce"]["summary"]["result"] == dict(sorted(expected_counts.items()))
+    for kind, status in done.items():
+        summary = status["summary"]
+        assert summary["records_in"] == records, kind
+        total_chunks = len(list_parts(tmp_path / kind, "part" if kind == "map" else "partial"))
+        assert summary["chunks_done"] == total_chunks, kind
+        assert 0 < durable[kind] < total_chunks, kind  # really resumed mid-way
+
+
+def test_a_file_that_vanishes_mid_job_is_reported_and_the_rest_is_exact(mesh, access_log_records, tmp_path):
+    big = big_input(tmp_path, access_log_records, 2)  # ~4 MB: 64 chunks at 0.1 s each keep the source busy
+    small = []
+    for name in ("a", "b", "c"):
+        path = tmp_path / f"small-{name}.jsonl"
+        path.write_bytes(access_log_records[:2000].rsplit(b"\n", 1)[0] + b"\n")
+        small.append(str(path))
+    job = mesh.client.submit([big, *small], "sample_tasks:slow", {"delay_s": 0.1}, out=str(tmp_path / "out"),
+                             chunk_size=CHUNK)
+    wait_until(lambda: (job.status().get("progress") or {}).get("chunks_done", 0) >= 1, 30, "planning under way")
+    os.unlink(small[0])  # the owner listed it; the source has not read it yet
+    status = job.wait(timeout_s=60)
     assert status["state"] == "done", status
-    assert b"".join(iter_output(out)) == access_log_records * 6
-    assert status["summary"]["records_in"] == access_log_records.count(b"\n") * 6
-    resumed_at = int(next(iter(committed["partial"].values())))
-    assert resumed_at > 0
-    # the second daemon did not redo committed chunks: it saw only chunks past the watermark
-    total_chunks = len(list_parts(out))
-    assert status["summary"]["chunks_done"] <= total_chunks
+    unreadable = [orjson.loads(l) for p in list_parts(tmp_path / "out", "unreadable") for l in p.read_bytes().splitlines()]
+    assert [u["file"] for u in unreadable] == [small[0]]
+    assert "No such file" in unreadable[0]["error"]
+    expected = access_log_records * 2 + b"".join(open(p, "rb").read() for p in small[1:])
+    assert b"".join(iter_output(tmp_path / "out")) == expected
+    assert status["summary"]["failed_records"] == 1
