@@ -172,3 +172,35 @@ def test_many_jobs_back_to_back_all_complete_exactly(mesh, edge_corpus, tmp_path
         assert job.wait(timeout_s=60)["state"] == "done"
         assert b"".join(iter_output(tmp_path / f"out{i}")) == expected
     assert mesh.daemon.dispatcher.statistics().dropped_chunks == dropped_before
+
+
+def test_compressed_transport_gives_the_same_output(mesh, edge_corpus, tmp_path):
+    outputs = {}
+    for codec in ("none", "lz4", "zstd"):
+        _, status = run(mesh, edge_corpus, "identity", {}, tmp_path / codec, codec=codec)
+        assert status["state"] == "done"
+        outputs[codec] = b"".join(iter_output(tmp_path / codec))
+    assert outputs["lz4"] == outputs["zstd"] == outputs["none"]
+
+
+def test_offsets_are_committed_in_batches_not_per_chunk(mesh, access_log_records, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(access_log_records * 8)  # ~16 MB: ~250 chunks of 64 KiB
+    before = mesh.client.store.revision()
+    _, status = run(mesh, [str(path)], "identity", {}, tmp_path / "out")
+    writes = mesh.client.store.revision() - before
+    chunks = status["summary"]["chunks_done"]
+    assert chunks > 200
+    assert writes < chunks / 4, f"{writes} store writes for {chunks} chunks"
+
+
+def test_progress_callback_sees_counters_grow(mesh, access_log_records, tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(access_log_records * 4)
+    job = mesh.client.submit([str(path)], "sample_tasks:slow", {"delay_s": 0.01}, out=str(tmp_path / "out"),
+                             chunk_size=CHUNK)
+    seen = []
+    final = job.wait(timeout_s=60, progress=lambda p: seen.append(p.get("bytes_read", 0)))
+    assert final["state"] == "done"
+    assert seen == sorted(seen) and seen[-1] == path.stat().st_size
+    assert len(set(seen)) >= 3, "intermediate progress was reported"
