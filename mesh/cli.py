@@ -114,6 +114,9 @@ def _wait_with_progress(job, args) -> int:
 # -- subcommands --
 def cmd_run(args) -> int:
     """One shot: an embedded mesh on this host, one job, progress, summary."""
+    from mesh.forkserver import start_forkserver
+    start_forkserver()  # its preload overlaps the imports below
+
     from mesh.client import Client
     from mesh.coordinator.embedded import open_embedded_store
     from mesh.daemon import Daemon, DaemonConfig

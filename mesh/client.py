@@ -21,7 +21,8 @@ from mesh.coordinator.jobs import TERMINAL_STATES, JobSpec, JobStore
 from mesh.coordinator.store import Store
 from mesh.errors import JobFailed
 
-POLL_S = 0.1
+POLL_S = 0.1          # steady-state poll of a job's state
+FIRST_POLL_S = 0.005  # short jobs finish in tens of ms: start fast, back off to POLL_S
 DEFAULT_MAX_PENDING = 1000
 
 
@@ -50,6 +51,7 @@ class Job:
         """Block until the job ends; return its final status. `progress` gets the progress
         counters on each poll. TimeoutError names the job and its state at the deadline."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        poll_s = FIRST_POLL_S
         while True:
             status = self.status()
             if progress is not None:
@@ -59,7 +61,8 @@ class Job:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {self.id} still {status['state']} after {timeout_s}s; "
                                    f"check `meshctl status {self.id}` and that a meshd is running")
-            time.sleep(POLL_S)
+            time.sleep(poll_s)
+            poll_s = min(POLL_S, poll_s * 1.5)
 
     def result(self, timeout_s: float | None = None) -> Any:
         """The reduce result (None for map tasks); JobFailed if the job did not end `done`."""

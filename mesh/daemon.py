@@ -100,8 +100,8 @@ class Daemon:
                 self.store.revoke(self.lease.id)
             except StoreError as exc:
                 self.log.warning("lease_revoke_failed", error=str(exc))
+        self.pool.stop()  # first: workers stopping must not look like deaths to restart
         self.dispatcher.stop()
-        self.pool.stop()
         self.ctx.term()
         self.log.info("daemon_stopped")
 
@@ -128,7 +128,7 @@ class Daemon:
                     self._rescan.clear()
                     self._scan_claimable()
                     rescan = False
-                for event in watch.get(timeout_s=0.2):
+                for event in watch.get(timeout_s=0.05):  # also how soon stop() is noticed
                     rescan |= self._on_event(event)
                 if time.monotonic() >= next_keepalive:
                     self.store.keepalive(self.lease.id)

@@ -18,6 +18,9 @@ EXIT_CONFIG = 2
 
 def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: str | None = None,
                log_level: str = "info") -> int:
+    from mesh.forkserver import start_forkserver
+    start_forkserver()  # its preload overlaps the imports below
+
     import structlog
 
     from mesh.coordinator.connect import describe, open_store

@@ -136,11 +136,6 @@ class Dispatcher:
         self._command(("noop", None))
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        for link in self.workers.values():
-            try:
-                protocol.send(self.router, protocol.control("stop"), identity=link.identity, flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
         self.router.close(0)
         self.intake.close(0)
         os.close(self._wake_r)

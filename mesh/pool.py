@@ -17,6 +17,7 @@ from typing import Callable
 
 import structlog
 
+from mesh.forkserver import forkserver_context
 from mesh.worker import WorkerConfig, worker_identity, worker_main
 
 RESTART_BACKOFF_MIN_S = 0.05
@@ -57,8 +58,7 @@ class WorkerPool:
         self._slots = [_Slot(cfg=replace(base, slot=i, core=cores[i % len(cores)])) for i in range(count)]
         self._on_lost = on_lost
         self._clock = clock
-        self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["mesh.worker"])
+        self._ctx = forkserver_context()
         self._stop = threading.Event()
         self._wake_r, self._wake_w = multiprocessing.connection.Pipe(duplex=False)
         self._thread = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
