@@ -3,7 +3,8 @@
 * ``None``: ``$MESH_COORDINATOR``, else ``$MESH_STATE_DIR``, else ``~/.local/state/chunkmesh``
   (the embedded single-host store);
 * ``embedded:///path`` or a plain path: the embedded store in that directory;
-* ``etcd://host:port[,host:port...]``: etcd (see the etcd backend).
+* ``etcd://host:port[,host:port...]``: etcd (`mesh.coordinator.etcd`): the first endpoint that
+  answers, failing over to the next ones.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def open_store(url: str | None = None) -> Store:
         from mesh.coordinator.embedded import open_embedded_store
         return open_embedded_store(default_state_dir())
     if url.startswith("etcd://"):
-        raise StoreUnavailable(f"coordinator {url}: the etcd backend is not available in this version; "
-                               "use an embedded state directory (embedded:///path)")
+        from mesh.coordinator.etcd import open_etcd_store
+        return open_etcd_store(url)
     path = url[len("embedded://"):] if url.startswith("embedded://") else url
     if "://" in path:
         raise StoreUnavailable(f"coordinator {url!r}: unknown scheme; use etcd://host:port or embedded:///path")

@@ -13,6 +13,16 @@ class StoreUnavailable(StoreError):
     """The store cannot be reached (etcd down, state directory unreadable). Retry with backoff."""
 
 
+class StoreAuthError(StoreError):
+    """The store refused our credentials (wrong user or password, an expired token that could not
+    be renewed, or a user without permission). Retrying does not help; fix the credentials.
+    `user` is the user name that was refused (None when none was given)."""
+
+    def __init__(self, message: str, user: str | None):
+        super().__init__(message)
+        self.user = user
+
+
 class Compacted(StoreError):
     """A watch asked for history that was compacted away; re-read everything, then watch from
     the current revision. `revision` is the oldest revision still available."""

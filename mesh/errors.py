@@ -14,6 +14,7 @@
     ├── JobFailed(job_id, state)    Job.wait/result on a job that ended failed or cancelled
     └── StoreError                  the coordinator store failed
         ├── StoreUnavailable        cannot reach it; retry with backoff
+        ├── StoreAuthError(user)    etcd refused the credentials
         ├── Compacted(revision)     watched history is gone; re-read everything
         ├── LeaseNotFound(lease_id) the lease expired or was revoked
         └── NotOwner(job_id, epoch) a fenced write lost: this owner must step down
@@ -34,6 +35,7 @@ from mesh.coordinator.errors import (
     LeaseNotFound,
     MeshBusy,
     NotOwner,
+    StoreAuthError,
     StoreError,
     StoreUnavailable,
 )
@@ -41,7 +43,7 @@ from mesh.coordinator.errors import (
 __all__ = [
     "CodecError", "Compacted", "FrameError", "InputError", "InvalidSpec", "JobFailed",
     "JobNotFound", "LeaseNotFound", "MeshBusy", "MeshError", "NotOwner", "OutputError",
-    "Shutdown", "StoreError", "StoreUnavailable", "TaskError",
+    "Shutdown", "StoreAuthError", "StoreError", "StoreUnavailable", "TaskError",
 ]
 
 

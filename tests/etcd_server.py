@@ -125,11 +125,14 @@ class EtcdServer:
         self._terminate(signal.SIGKILL)
 
     def pause(self) -> None:
-        """SIGSTOP: etcd hangs (connections stay open, nothing answers): a network-partition-like fault."""
+        """SIGSTOP: etcd hangs (connections stay open, nothing answers): a network-partition-like
+        fault. Returns once the kernel reports it stopped (signals are delivered asynchronously)."""
         self._signal(signal.SIGSTOP)
+        self._wait_state(lambda state: state in ("T", "t"), "stopped")
 
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
+        self._wait_state(lambda state: state not in ("T", "t"), "running again")
 
     def restart(self) -> "EtcdServer":
         """Stop (if running) and start again on the same ports with the same data."""
@@ -204,6 +207,18 @@ class EtcdServer:
                 raise RuntimeError(f"etcd on {self.client_url} not healthy after {self.start_timeout_s} s "
                                    f"(last: {last}); log tail:\n{self.log_tail()}")
             time.sleep(HEALTH_POLL_S)  # poll interval of a deadline-bounded wait
+
+    def _wait_state(self, ok, what: str, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Poll the process state in /proc (Linux) until `ok(state letter)`, or fail naming `what`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with open(f"/proc/{self.pid}/stat") as stat:
+                state = stat.read().rpartition(")")[2].split()[0]  # the field after "(comm)"
+            if ok(state):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"etcd pid {self.pid} not {what} after {timeout_s} s (state {state})")
+            time.sleep(0.001)  # poll interval of a deadline-bounded wait
 
     def _signal(self, signum: int) -> None:
         if not self.running():
