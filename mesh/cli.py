@@ -159,28 +159,25 @@ def cmd_submit(args) -> int:
         return _wait_with_progress(job, args)
 
 
-def cmd_status(args) -> int:
+def _show(args, fetch, render_name: str) -> int:
+    """Fetch a document through the client; print it as JSON or as a table for people."""
     from mesh.client import Client
     with Client(args.coordinator) as client:
-        status = client.job(args.job).status()
+        doc = fetch(client)
     if args.json:
-        _print_json(status)
+        _print_json(doc)
     else:
-        from mesh.tables import print_status
-        print_status(status)
+        from mesh import tables
+        getattr(tables, render_name)(doc)
     return EXIT_OK
+
+
+def cmd_status(args) -> int:
+    return _show(args, lambda client: client.job(args.job).status(), "print_status")
 
 
 def cmd_jobs(args) -> int:
-    from mesh.client import Client
-    with Client(args.coordinator) as client:
-        jobs = client.list_jobs()
-    if args.json:
-        _print_json(jobs)
-    else:
-        from mesh.tables import print_jobs
-        print_jobs(jobs)
-    return EXIT_OK
+    return _show(args, lambda client: client.list_jobs(), "print_jobs")
 
 
 def cmd_cancel(args) -> int:
@@ -192,15 +189,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_nodes(args) -> int:
-    from mesh.client import Client
-    with Client(args.coordinator) as client:
-        nodes = client.nodes()
-    if args.json:
-        _print_json(nodes)
-    else:
-        from mesh.tables import print_nodes
-        print_nodes(nodes)
-    return EXIT_OK
+    return _show(args, lambda client: client.nodes(), "print_nodes")
 
 
 def cmd_cat(args) -> int:

@@ -113,15 +113,7 @@ def _map_segment(task: Task, params: dict, records: list[bytes], seg, dead: _Dea
     except Exception:
         pass  # isolate the failing records below
     out: list[bytes] = []
-    offset = seg.start
-    for rec in records:
-        try:
-            out.extend(_as_bytes(r) for r in task.fn([rec], params))
-        except InvalidSpec:
-            raise
-        except Exception as exc:
-            dead.add(seg.file_index, offset, _error_text(exc), rec)
-        offset += len(rec) + 1
+    _per_record(records, seg, dead, lambda rec: out.extend(_as_bytes(r) for r in task.fn([rec], params)))
     return out
 
 
@@ -132,15 +124,24 @@ def _reduce_segment(task: Task, params: dict, records: list[bytes], seg, dead: _
         raise
     except Exception:
         pass
-    partial = None
+    acc = []
+
+    def merge(rec: bytes) -> None:
+        part = task.fn([rec], params)
+        acc[:] = [part if not acc else task.combine(acc[0], part)]
+
+    _per_record(records, seg, dead, merge)
+    return acc[0] if acc else None
+
+
+def _per_record(records: list[bytes], seg, dead: _DeadLetters, apply) -> None:
+    """Apply to each record alone; a record that raises goes to dead letters with its offset."""
     offset = seg.start
     for rec in records:
         try:
-            part = task.fn([rec], params)
-            partial = part if partial is None else task.combine(partial, part)
+            apply(rec)
         except InvalidSpec:
             raise
         except Exception as exc:
             dead.add(seg.file_index, offset, _error_text(exc), rec)
         offset += len(rec) + 1
-    return partial
