@@ -7,6 +7,12 @@ from pathlib import Path
 import lz4.frame
 import pytest
 import zstandard
+from hypothesis import HealthCheck, settings
+
+# Property tests check correctness, not speed: no per-example deadline (the shared 2-core
+# machines here stall for hundreds of ms at times), and slow data generation is not a failure.
+settings.register_profile("mesh", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("mesh")
 
 
 
