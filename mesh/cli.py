@@ -15,6 +15,7 @@ import orjson
 
 from mesh.codecs.compression import CODEC_NAMES
 from mesh.coordinator.connect import describe
+from mesh.coordinator.errors import ConfigConflict, ConfigVersionNotFound, InvalidConfig
 from mesh.errors import CodecError, InvalidSpec, JobNotFound, MeshBusy, MeshError, StoreUnavailable
 
 EXIT_OK = 0            # the command did what was asked (a job ended `done`)
@@ -23,7 +24,8 @@ EXIT_USAGE = 2         # bad arguments or an invalid job spec (argparse uses 2 t
 EXIT_UNAVAILABLE = 3   # the coordinator cannot be reached / opened
 EXIT_TIMEOUT = 4       # --timeout passed before the job ended
 EXIT_BUSY = 5          # the mesh refused the job: too many pending jobs
-EXIT_NOT_FOUND = 6     # no such job
+EXIT_NOT_FOUND = 6     # no such job, or no such config version in the history
+EXIT_CONFLICT = 7      # a config change lost a compare-and-set (someone changed it first); nothing written
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 SIZE_UNITS = {"": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
@@ -245,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cat", parents=[common], help="print a job's output records in input order")
     p.add_argument("dir")
     p.set_defaults(func=cmd_cat)
+
+    from mesh.cli_config import add_config_commands  # here: cli_config imports this module
+    add_config_commands(sub, common)
     return parser
 
 
@@ -254,9 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return _fail(EXIT_INTERRUPTED, "interrupted")
+    except InvalidConfig as exc:
+        where = f" in {exc.source}" if exc.source else ""
+        return _fail(EXIT_USAGE, f"invalid config{where}:\n  " + "\n  ".join(exc.problems))
     except InvalidSpec as exc:
         return _fail(EXIT_USAGE, f"invalid job: {exc}")
-    except JobNotFound as exc:
+    except ConfigConflict as exc:
+        return _fail(EXIT_CONFLICT, str(exc))
+    except (JobNotFound, ConfigVersionNotFound) as exc:
         return _fail(EXIT_NOT_FOUND, str(exc))
     except MeshBusy as exc:
         return _fail(EXIT_BUSY, str(exc))

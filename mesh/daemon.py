@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import orjson
+import psutil
 import structlog
 import zmq
 
@@ -59,6 +60,9 @@ class Daemon:
         self.lease = None
         self._stop = threading.Event()
         self._rescan = threading.Event()
+        self._record_dirty = threading.Event()  # our node record must be rewritten soon
+        self.nodes: dict[str, dict] = {}  # node id -> its record, as last seen
+        self.config_version = 0  # the cluster config version applied (0: built-in defaults)
         self._owners_lock = threading.Lock()
         self._thread = threading.Thread(target=self._control_loop, name="control", daemon=True)
         self.node_key = f"{cfg.prefix}nodes/{self.node_id}"
@@ -114,26 +118,30 @@ class Daemon:
 
     # -- the control loop --
     def _control_loop(self) -> None:
+        """One watch over the whole namespace: jobs (claims, cancels), nodes (peers, deaths)."""
         keepalive_every = self.cfg.lease_ttl_s / 3
         next_keepalive = time.monotonic() + keepalive_every
         watch = None
-        rescan = True
         while not self._stop.is_set():
             try:
                 if watch is None:
                     revision = self.store.revision()
-                    watch = self.jobs.watch_jobs(start_revision=revision + 1)
-                    rescan = True
-                if rescan or self._rescan.is_set():
+                    watch = self.store.watch(self.cfg.prefix, start_revision=revision + 1)
+                    self._load_nodes()
+                    self._rescan.set()
+                if self._rescan.is_set():
                     self._rescan.clear()
                     self._scan_claimable()
-                    rescan = False
                 for event in watch.get(timeout_s=0.05):  # also how soon stop() is noticed
-                    rescan |= self._on_event(event)
-                if time.monotonic() >= next_keepalive:
+                    self._on_event(event)
+                now = time.monotonic()
+                if now >= next_keepalive:
                     self.store.keepalive(self.lease.id)
+                    next_keepalive = now + keepalive_every
+                    self._record_dirty.set()
+                if self._record_dirty.is_set():
+                    self._record_dirty.clear()
                     self._write_node_record()
-                    next_keepalive = time.monotonic() + keepalive_every
             except Compacted:
                 watch = None
             except LeaseNotFound:
@@ -147,10 +155,17 @@ class Daemon:
         if watch is not None:
             watch.cancel()
 
-    def _on_event(self, event) -> bool:
-        """React to a change under jobs/; return True when claimable jobs may have appeared."""
-        rest = event.kv.key[len(self.jobs.prefix) + len("jobs/"):]
-        job_id, _, leaf = rest.partition("/")
+    def _on_event(self, event) -> None:
+        key = event.kv.key[len(self.cfg.prefix):]
+        kind, _, rest = key.partition("/")
+        if kind == "jobs":
+            if self._on_job_event(event, *rest.split("/", 1)) if "/" in rest else False:
+                self._rescan.set()
+        elif kind == "nodes":
+            self._on_node_event(event, rest)
+
+    def _on_job_event(self, event, job_id: str, leaf: str) -> bool:
+        """React to a change of one job; return True when claimable jobs may have appeared."""
         if leaf == "cancel" and event.type == "put":
             with self._owners_lock:
                 owner = self.owners.get(job_id)
@@ -163,6 +178,45 @@ class Daemon:
             except orjson.JSONDecodeError:
                 return False
         return leaf == "owner" and event.type == "delete"
+
+    # -- peers: the node registry as this daemon sees it --
+    def _load_nodes(self) -> None:
+        """Re-read every node record (at start and after a watch gap); nodes gone meanwhile are lost."""
+        kvs, _ = self.store.range(f"{self.cfg.prefix}nodes/")
+        records = {}
+        for kv in kvs:
+            try:
+                record = orjson.loads(kv.value)
+                records[record["id"]] = record
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                self.log.warning("bad_node_record", key=kv.key)
+        for gone in set(self.nodes) - set(records):
+            self._node_gone(gone)
+        self.nodes = records
+        self._update_peers()
+
+    def _on_node_event(self, event, node_id: str) -> None:
+        if event.type == "delete":
+            if self.nodes.pop(node_id, None) is not None:
+                self._node_gone(node_id)
+        else:
+            try:
+                self.nodes[node_id] = orjson.loads(event.kv.value)
+            except orjson.JSONDecodeError:
+                self.log.warning("bad_node_record", node_id=node_id)
+                return
+        self._update_peers()
+
+    def _node_gone(self, node_id: str) -> None:
+        if node_id != self.node_id:
+            self.log.warning("node_lost", lost=node_id)
+            self.dispatcher.node_lost(node_id)
+
+    def _update_peers(self) -> None:
+        """Our workers serve every remote daemon that owns running jobs (peer to peer)."""
+        peers = sorted(r["endpoint"] for n, r in self.nodes.items()
+                       if n != self.node_id and r.get("jobs") and isinstance(r.get("endpoint"), str))
+        self.dispatcher.set_peers(peers)
 
     def _scan_claimable(self) -> None:
         for job in self.jobs.list_jobs():
@@ -187,12 +241,14 @@ class Daemon:
         with self._owners_lock:
             self.owners[job_id] = owner
         owner.start()
+        self._record_dirty.set()  # peers learn at once that we own a job
         return True
 
     def _owner_exited(self, owner: Owner) -> None:
         with self._owners_lock:
             self.owners.pop(owner.job_id, None)
         self._rescan.set()  # a slot is free: pending jobs may be claimable now
+        self._record_dirty.set()
 
     def _lease_lost(self) -> None:
         """Our lease expired (store unreachable too long): every job we owned may already have a
@@ -206,13 +262,28 @@ class Daemon:
         self._write_node_record()
 
     def _write_node_record(self) -> None:
+        """Our entry in the registry, on our lease: refreshed with the keepalive (every
+        lease_ttl_s / 3) and when the jobs we own change; never once per chunk."""
         stats = self.dispatcher.statistics()
         pool = self.pool.statistics()
+        with self._owners_lock:
+            jobs = sorted(self.owners)
         record = {
             "id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
             "endpoint": self.dispatcher.endpoint, "cores": pool.cores, "workers": pool.workers,
             "workers_alive": pool.alive, "worker_restarts": pool.restarts, "version": __version__,
-            "state": "ready", "jobs": sorted(self.owners), "in_flight_chunks": stats.in_flight_chunks,
-            "bad_frames": stats.bad_frames, "updated_at": time.time(),
+            "state": "ready", "config_version": self.config_version, "jobs": jobs,
+            "load": {"cpu_percent": psutil.cpu_percent(interval=None), "memory_mb": self._tree_rss_mb(),
+                     "in_flight_chunks": stats.in_flight_chunks, "chunks_done": stats.results},
+            "in_flight_chunks": stats.in_flight_chunks, "bad_frames": stats.bad_frames, "updated_at": time.time(),
         }
         self.store.put(self.node_key, orjson.dumps(record), lease=self.lease.id)
+
+    def _tree_rss_mb(self) -> float:
+        total = 0
+        for pid in [os.getpid(), *self.pool.pids()]:
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                pass
+        return round(total / 2**20, 1)

@@ -17,7 +17,7 @@ EXIT_CONFIG = 2
 
 
 def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: str | None = None,
-               log_level: str = "info") -> int:
+               log_level: str = "info", lease_ttl_s: float = 10.0) -> int:
     from mesh.forkserver import start_forkserver
     start_forkserver()  # its preload overlaps the imports below
 
@@ -46,7 +46,8 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    daemon = Daemon(store, DaemonConfig(workers=workers, node_id=node_id or "", log_level=log_level))
+    daemon = Daemon(store, DaemonConfig(workers=workers, node_id=node_id or "", log_level=log_level,
+                                        lease_ttl_s=lease_ttl_s))
     daemon.start()
     log.info("meshd_ready", node=daemon.node_id, coordinator=describe(coordinator),
              endpoint=daemon.dispatcher.endpoint)
@@ -67,12 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", default=None)
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--lease-ttl", type=float, default=10.0, metavar="SECONDS",
+                   help="this node's lease: a dead node is noticed (and its chunks re-sent) this long after")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_daemon(args.coordinator, workers=args.workers, node_id=args.node_id, log_level=args.log_level)
+    return run_daemon(args.coordinator, workers=args.workers, node_id=args.node_id, log_level=args.log_level,
+                      lease_ttl_s=args.lease_ttl)
 
 
 if __name__ == "__main__":

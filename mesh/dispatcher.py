@@ -63,6 +63,7 @@ class WorkerLink:
     identity: bytes
     credits: int
     node: str
+    slot: int = 0
     outstanding: OrderedDict = field(default_factory=OrderedDict)
     known_jobs: set = field(default_factory=set)
 
@@ -78,6 +79,7 @@ class DispatcherStatistics:
     bad_frames: int
     stale_results: int
     dropped_chunks: int = 0
+    results: int = 0  # results accepted (chunks done here, for every job)
 
 
 class Dispatcher:
@@ -104,6 +106,7 @@ class Dispatcher:
         self.jobs: dict[str, JobRoute] = {}
         self.workers: dict[bytes, WorkerLink] = {}
         self.retry: deque[Assignment] = deque()
+        self.peers: list[str] = []
         self._stats = DispatcherStatistics(0, 0, 0, 0, 0, 0, 0, 0)
         self.log = structlog.get_logger("mesh.dispatcher").bind(node=node_id)
 
@@ -119,6 +122,14 @@ class Dispatcher:
 
     def worker_lost(self, identity: bytes, exitcode: int | None = None) -> None:
         self._command(("worker_lost", identity))
+
+    def node_lost(self, node_id: str) -> None:
+        """A node's lease expired: every chunk its workers hold here is re-sent."""
+        self._command(("node_lost", node_id))
+
+    def set_peers(self, endpoints: list[str]) -> None:
+        """The dispatchers of remote owners; our workers serve them too (peer to peer)."""
+        self._command(("set_peers", sorted(endpoints)))
 
     def statistics(self) -> DispatcherStatistics:
         return self._stats
@@ -193,6 +204,14 @@ class Dispatcher:
                 self.retry = deque(a for a in self.retry if a.header.job_id != arg)
             elif name == "worker_lost":
                 self._lose_worker(arg)
+            elif name == "node_lost":
+                for identity in [i for i, link in self.workers.items() if link.node == arg]:
+                    self._lose_worker(identity)
+            elif name == "set_peers" and arg != self.peers:
+                self.peers = arg
+                for link in self.workers.values():
+                    if link.node == self.node_id:
+                        self._send_peers(link.identity)
 
     def _free_credits(self) -> int:
         return sum(link.credits for link in self.workers.values())
@@ -221,13 +240,26 @@ class Dispatcher:
         body = protocol.body_of(header)
         if body.get("type") != "ready":
             raise FrameError("bad_control", f"unexpected control message {body.get('type')!r} from a worker")
-        credits = body.get("credits")
+        credits, node, slot = body.get("credits"), body.get("node"), body.get("slot")
         if not isinstance(credits, int) or not 1 <= credits <= 64:
             raise FrameError("bad_control", f"ready.credits must be an integer in 1..64 (got {credits!r})")
+        if not isinstance(node, str) or not isinstance(slot, int):
+            raise FrameError("bad_control", "ready must name the worker's node (str) and slot (int)")
         if identity in self.workers:
             return
-        self.workers[identity] = WorkerLink(identity=identity, credits=credits, node=str(body.get("node", "")))
+        for old in [i for i, link in self.workers.items() if (link.node, link.slot) == (node, slot)]:
+            self._lose_worker(old)  # that slot's previous process died; it was restarted
+        self.workers[identity] = WorkerLink(identity=identity, credits=credits, node=node, slot=slot)
+        if node == self.node_id and self.peers:
+            self._send_peers(identity)
         self.log.debug("worker_joined", worker=identity, credits=credits)
+
+    def _send_peers(self, identity: bytes) -> None:
+        try:
+            protocol.send(self.router, protocol.control("peers", endpoints=self.peers), identity=identity,
+                          flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self.log.info("peers_not_sent", worker=identity, error=str(exc))
 
     def _on_result(self, identity: bytes, header: Header, payload) -> None:
         link = self.workers.get(identity)
@@ -238,6 +270,7 @@ class Dispatcher:
             self._stats.stale_results += 1
             return
         link.credits += 1
+        self._stats.results += 1
         route = self.jobs.get(header.job_id)
         if route is None:
             return  # job removed (cancelled or finished): drop

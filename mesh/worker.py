@@ -87,30 +87,62 @@ class Worker:
         self.compress_output = zstd.compress
 
     def run(self) -> None:
-        ctx = zmq.Context(io_threads=1)
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.identity)
-        sock.setsockopt(zmq.LINGER, 2000)
-        sock.connect(self.cfg.endpoint)
-        protocol.send(sock, protocol.control("ready", credits=self.cfg.window, pid=os.getpid(),
-                                             core=self.cfg.core, node=self.cfg.node_id))
+        """Serve the local dispatcher and, peer to peer, every remote owner it names."""
+        self.ctx = zmq.Context(io_threads=1)
+        self.links: dict[str, zmq.Socket] = {}
+        self.local = self._connect(self.cfg.endpoint)
         self.log.debug("worker_ready", endpoint=self.cfg.endpoint)
+        poller = zmq.Poller()
+        poller.register(self.local, zmq.POLLIN)
         try:
             while not self.draining:
-                if not sock.poll(200):
-                    continue
-                reply = self.handle(sock.recv_multipart(copy=False))
-                if reply is not None:
-                    protocol.send(sock, reply)
+                for sock, _ in poller.poll(200):
+                    if sock.closed:  # dropped by a peers update handled just before
+                        continue
+                    reply = self.handle(sock.recv_multipart(copy=False), sock)
+                    if reply is not None:
+                        protocol.send(sock, reply)
+                self._sync_poller(poller)
         finally:
-            sock.close()
-            ctx.term()
+            for sock in self.links.values():
+                sock.close()
+            self.ctx.term()
 
-    def handle(self, msg: list) -> list | None:
+    def _connect(self, endpoint: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(endpoint)
+        protocol.send(sock, protocol.control("ready", credits=self.cfg.window, pid=os.getpid(),
+                                             core=self.cfg.core, node=self.cfg.node_id, slot=self.cfg.slot))
+        self.links[endpoint] = sock
+        return sock
+
+    def set_peers(self, endpoints: list[str]) -> None:
+        """Connect to owners that appeared, drop those that are gone (their chunks held here are
+        re-sent by them: they see our results stop and our node record, not our sockets)."""
+        wanted = {e for e in endpoints if isinstance(e, str) and e.startswith("tcp://")}
+        wanted.discard(self.cfg.endpoint)
+        for endpoint in list(self.links):
+            if endpoint != self.cfg.endpoint and endpoint not in wanted:
+                self.links.pop(endpoint).close(0)
+        for endpoint in sorted(wanted - set(self.links)):
+            self._connect(endpoint)
+        self.log.info("peers_updated", peers=sorted(wanted))
+
+    def _sync_poller(self, poller: zmq.Poller) -> None:
+        registered = {s for s, _ in poller.sockets}
+        current = set(self.links.values())
+        for sock in registered - current:
+            poller.unregister(sock)
+        for sock in current - registered:
+            poller.register(sock, zmq.POLLIN)
+
+    def handle(self, msg: list, sock=None) -> list | None:
         try:
             header, payload = frames.decode([m.buffer for m in msg])
             if header.kind == Kind.CONTROL:
-                return self.on_control(header)
+                return self.on_control(header, from_local=sock is None or sock is self.local)
             if header.kind == Kind.CHUNK:
                 return self.on_chunk(header, payload)
             raise FrameError("bad_kind", f"workers do not accept {header.kind.name} messages")
@@ -119,13 +151,18 @@ class Worker:
             self.log.warning("bad_frame_dropped", reason=exc.reason, error=str(exc), count=self.bad_frames)
             return None
 
-    def on_control(self, header) -> None:
+    def on_control(self, header, *, from_local: bool = True) -> None:
         body = protocol.body_of(header)
         kind = body.get("type")
         if kind == "job":
             self.jobs[header.job_id] = (body.get("task"), body.get("params") or {}, None)
             self._evict()
-        elif kind == "stop":
+        elif kind == "peers" and from_local:  # only our own daemon says whom to serve
+            endpoints = body.get("endpoints")
+            if not isinstance(endpoints, list):
+                raise FrameError("bad_control", "peers.endpoints must be a list of endpoints")
+            self.set_peers(endpoints)
+        elif kind == "stop" and from_local:
             self.draining = True
         return None
 

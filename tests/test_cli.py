@@ -10,7 +10,7 @@ import time
 import orjson
 import pytest
 
-from conftest import reference_run
+from reference import reference_run
 
 MESHCTL = [sys.executable, "-m", "mesh"]
 

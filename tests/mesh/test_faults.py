@@ -10,7 +10,7 @@ import time
 import orjson
 import zmq
 
-from conftest import reference_run
+from reference import reference_run
 from mesh.codecs import frames
 from mesh.codecs.frames import Kind, Segment
 from mesh.outputs import iter_output, list_parts

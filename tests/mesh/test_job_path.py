@@ -6,7 +6,7 @@ import os
 import orjson
 import pytest
 
-from conftest import reference_run
+from reference import reference_run
 from mesh.outputs import SUMMARY, iter_output, list_parts
 
 CHUNK = 64 * 1024
@@ -47,7 +47,7 @@ def test_builtin_task_equals_direct_computation(mesh, edge_corpus, tmp_path, tas
 
 
 def _records(paths):
-    from conftest import read_decompressed
+    from reference import read_decompressed
     for p in paths:
         lines = read_decompressed(p).split(b"\n")
         if lines and lines[-1] == b"":
@@ -86,7 +86,7 @@ def test_failing_records_go_to_dead_letters_and_the_job_goes_on(mesh, edge_corpu
         assert entry["error"] == f"ValueError: refusing record with {marker}"
         assert entry["file"] in paths
         # the offset points at the failing record in the (decompressed) input
-        from conftest import read_decompressed
+        from reference import read_decompressed
         data = read_decompressed(entry["file"])
         line = data[entry["offset"]:data.index(b"\n", entry["offset"])]
         assert marker.encode() in line and line.decode()[:1024] == entry["record"]
@@ -142,7 +142,7 @@ def test_corrupt_compressed_input_is_a_dead_letter_not_a_crash(mesh, edge_corpus
     assert files == {str(bad_small), str(bad_big)}
     # the good file is complete, and the readable prefix of the truncated one went through
     out = b"".join(iter_output(tmp_path / "out"))
-    from conftest import read_decompressed
+    from reference import read_decompressed
     assert out.startswith(read_decompressed(edge_corpus[0]))
     assert mesh.daemon.dispatcher.statistics().workers == 2
 

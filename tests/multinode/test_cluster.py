@@ -1,0 +1,41 @@
+"""Several meshd on one etcd: peer-to-peer chunks, a registry that forgets dead nodes."""
+from __future__ import annotations
+
+import signal
+
+from reference import reference_run
+from mesh.outputs import iter_output
+
+LEASE_TTL_S = 2.0
+
+
+def test_three_daemons_share_a_50mb_job_and_a_killed_one_leaves_the_registry(cluster, access_log_records, tmp_path):
+    for node in ("n1", "n2", "n3"):
+        cluster.start_daemon(node, workers=1, lease_ttl_s=LEASE_TTL_S)
+    cluster.wait_nodes({"n1", "n2", "n3"}, timeout_s=60)
+    nodes = cluster.client.nodes()
+    assert len({n["endpoint"] for n in nodes}) == 3  # distinct ports on one host
+    for n in nodes:
+        assert n["workers"] == 1 and n["state"] == "ready" and "config_version" in n
+
+    inputs = []
+    for i in range(6):  # 6 files x ~10 MB
+        path = tmp_path / f"in-{i}.jsonl"
+        path.write_bytes(access_log_records * 5)
+        inputs.append(str(path))
+    assert sum(len(open(p, "rb").read()) for p in inputs) >= 50_000_000
+    params = {"where": "status>=400", "fields": "ts,ip,url,status"}
+    job = cluster.client.submit(inputs, "jsonl", params, out=str(tmp_path / "out"))
+    status = job.wait(timeout_s=240)
+    assert status["state"] == "done", status
+    expected, _, _ = reference_run(inputs, "jsonl", params)
+    assert b"".join(iter_output(tmp_path / "out")) == b"".join(r + b"\n" for r in expected)
+    per_node = status["summary"]["nodes"]
+    assert sum(n["records"] for n in per_node.values()) == status["summary"]["records_in"]
+    busy = [node for node, n in per_node.items() if n["chunks"] > 0]
+    assert len(busy) >= 2, per_node
+    print("per node:", per_node, "seconds:", status["summary"]["seconds"])
+
+    cluster.daemons["n3"].send_signal(signal.SIGKILL)
+    took = cluster.wait_nodes({"n1", "n2"}, timeout_s=LEASE_TTL_S + 2)
+    assert took <= LEASE_TTL_S + 2
