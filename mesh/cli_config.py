@@ -48,6 +48,12 @@ def parse_assignment(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text!r})")
+    return int(text)
+
+
 @contextmanager
 def _configs(args) -> Iterator[ConfigStore]:
     from mesh.client import Client
@@ -83,7 +89,8 @@ def cmd_config_get(args) -> int:
     if args.json:
         _print_json({"version": version, "config": config.to_doc()})
         return EXIT_OK
-    table = Table("field", "value", "default", title=f"cluster config, version {version}")
+    table = Table("field", "value", "default", title=f"cluster config, version {version}",
+                  caption="* = not the default")
     for name, value in config.to_doc().items():
         default = FIELDS[name].default
         mark = "" if value == (list(default) if isinstance(default, tuple) else default) else " *"
@@ -165,11 +172,11 @@ def add_config_commands(sub, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_config_set)
 
     p = commands.add_parser("history", parents=[common], help="past versions, newest first")
-    p.add_argument("--limit", type=int, default=20, metavar="N")
+    p.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="versions to show (default 20)")
     p.set_defaults(func=cmd_config_history)
 
     p = commands.add_parser("rollback", parents=[common], help="write an old version's config as a new version")
-    p.add_argument("version", type=int, metavar="VERSION")
+    p.add_argument("version", type=_positive_int, metavar="VERSION")
     p.add_argument("--expect-version", type=int, default=None, metavar="N",
                    help="refuse unless the config is still at version N (default: the version read now)")
     p.add_argument("--comment", default="", help="why (default: 'rollback to version VERSION')")

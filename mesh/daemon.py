@@ -55,7 +55,7 @@ class Daemon:
         self.pool = WorkerPool(
             WorkerConfig(node_id=self.node_id, slot=0, core=None, endpoint=self.dispatcher.endpoint,
                          window=cfg.window, log_level=cfg.log_level),
-            workers=cfg.workers, on_lost=self.dispatcher.worker_lost)
+            workers=cfg.workers, on_lost=self.dispatcher.worker_lost, on_retired=self.dispatcher.worker_retired)
         self.owners: dict[str, Owner] = {}
         self.lease = None
         self._stop = threading.Event()

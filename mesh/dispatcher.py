@@ -123,6 +123,10 @@ class Dispatcher:
     def worker_lost(self, identity: bytes, exitcode: int | None = None) -> None:
         self._command(("worker_lost", identity))
 
+    def worker_retired(self, identity: bytes) -> None:
+        """A worker stopped on purpose (pool shrunk): re-send its chunks, blame none."""
+        self._command(("worker_retired", identity))
+
     def node_lost(self, node_id: str) -> None:
         """A node's lease expired: every chunk its workers hold here is re-sent."""
         self._command(("node_lost", node_id))
@@ -204,6 +208,8 @@ class Dispatcher:
                 self.retry = deque(a for a in self.retry if a.header.job_id != arg)
             elif name == "worker_lost":
                 self._lose_worker(arg)
+            elif name == "worker_retired":
+                self._lose_worker(arg, blame=False)
             elif name == "node_lost":
                 for identity in [i for i, link in self.workers.items() if link.node == arg]:
                     self._lose_worker(identity)
@@ -276,12 +282,12 @@ class Dispatcher:
             return  # job removed (cancelled or finished): drop
         route.on_result(identity, header, payload, protocol.body_of(header))
 
-    def _lose_worker(self, identity: bytes) -> None:
+    def _lose_worker(self, identity: bytes, *, blame: bool = True) -> None:
         link = self.workers.pop(identity, None)
         if link is None:
             return
         held = list(link.outstanding.values())
-        if held:
+        if held and blame:
             held[0].blame += 1  # only the chunk it was executing is blamed
         for assignment in reversed(held):
             route = self.jobs.get(assignment.header.job_id)

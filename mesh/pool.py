@@ -39,6 +39,7 @@ class _Slot:
     restarts: int = 0
     backoff_s: float = RESTART_BACKOFF_MIN_S
     restart_at: float | None = None
+    retired: bool = False
 
 
 @dataclass
@@ -52,11 +53,13 @@ class PoolStatistics:
 class WorkerPool:
     def __init__(self, base: WorkerConfig, *, workers: int | None = None,
                  on_lost: Callable[[bytes, int | None], None] = lambda identity, exitcode: None,
+                 on_retired: Callable[[bytes], None] = lambda identity: None,
                  clock: Callable[[], float] = time.monotonic):
-        cores = available_cores()
-        count = workers or len(cores)
-        self._slots = [_Slot(cfg=replace(base, slot=i, core=cores[i % len(cores)])) for i in range(count)]
+        self._base = base
+        self._cores = available_cores()
+        self._slots = [self._new_slot(i) for i in range(workers or len(self._cores))]
         self._on_lost = on_lost
+        self._on_retired = on_retired
         self._clock = clock
         self._ctx = forkserver_context()
         self._stop = threading.Event()
@@ -65,10 +68,36 @@ class WorkerPool:
         self._lock = threading.Lock()
         self.log = structlog.get_logger("mesh.pool").bind(node=base.node_id)
 
+    def _new_slot(self, index: int) -> _Slot:
+        return _Slot(cfg=replace(self._base, slot=index, core=self._cores[index % len(self._cores)]))
+
     def start(self) -> None:
         for slot in self._slots:
             self._spawn(slot)
         self._thread.start()
+
+    def resize(self, workers: int | None, timeout_s: float = 5.0) -> None:
+        """Run `workers` processes (None: one per core). New slots start at once; retired ones
+        are terminated and their chunks re-sent without blame (retiring is not a crash)."""
+        count = workers or len(self._cores)
+        with self._lock:
+            for index in range(len(self._slots), count):
+                slot = self._new_slot(index)
+                self._slots.append(slot)
+                self._spawn(slot)
+            retired, self._slots = self._slots[count:], self._slots[:count]
+            for slot in retired:
+                slot.retired = True
+        self._wake_w.send_bytes(b"x")  # the supervisor re-reads its slots
+        for slot in retired:
+            if slot.process is not None:
+                slot.process.terminate()
+                slot.process.join(timeout_s)
+                if slot.process.is_alive():
+                    slot.process.kill()
+                    slot.process.join(1.0)
+            self._on_retired(slot.identity)
+        self.log.info("pool_resized", workers=count, retired=len(retired))
 
     def _spawn(self, slot: _Slot) -> None:
         proc = self._ctx.Process(target=worker_main, args=(slot.cfg,), name=f"mesh-worker-{slot.cfg.slot}",
@@ -99,6 +128,8 @@ class WorkerPool:
             ready = multiprocessing.connection.wait([*waitables, self._wake_r], timeout=timeout)
             if self._stop.is_set():
                 return
+            if self._wake_r in ready:
+                self._wake_r.recv_bytes()
             for sentinel in ready:
                 slot = waitables.get(sentinel)
                 if slot is not None:
@@ -106,6 +137,8 @@ class WorkerPool:
             self._restart_due()
 
     def _on_death(self, slot: _Slot) -> None:
+        if slot.retired:
+            return
         proc = slot.process
         proc.join(timeout=0)
         exitcode = proc.exitcode

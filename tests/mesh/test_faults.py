@@ -190,3 +190,21 @@ def test_a_file_that_vanishes_mid_job_is_reported_and_the_rest_is_exact(mesh, ac
     expected = access_log_records * 2 + b"".join(open(p, "rb").read() for p in small[1:])
     assert b"".join(iter_output(tmp_path / "out")) == expected
     assert status["summary"]["failed_records"] == 1
+
+
+def test_resizing_the_pool_mid_job_loses_no_chunk(tmp_path, access_log_records):
+    path = big_input(tmp_path, access_log_records, 3)
+    with running_mesh(tmp_path / "state", workers=2) as m:
+        job = m.client.submit([path], "sample_tasks:slow", {"delay_s": 0.02}, out=str(tmp_path / "out"),
+                              chunk_size=CHUNK)
+        wait_until(lambda: (job.status().get("progress") or {}).get("chunks_done", 0) >= 3, 30, "job under way")
+        m.daemon.pool.resize(1)
+        assert m.daemon.pool.statistics().workers == 1
+        wait_until(lambda: (job.status().get("progress") or {}).get("chunks_done", 0) >= 10, 30, "job goes on")
+        m.daemon.pool.resize(3)
+        wait_until(lambda: m.daemon.dispatcher.statistics().workers == 3, 30, "three workers connected")
+        status = job.wait(timeout_s=90)
+        assert status["state"] == "done"
+        assert m.daemon.pool.statistics().restarts == 0  # retiring is not a death
+    assert b"".join(iter_output(tmp_path / "out")) == access_log_records * 3
+    assert status["summary"]["records_in"] == access_log_records.count(b"\n") * 3
