@@ -16,6 +16,13 @@ from mesh.coordinator.store import Store
 
 ENV_COORDINATOR = "MESH_COORDINATOR"
 ENV_STATE_DIR = "MESH_STATE_DIR"
+ETCD_ENV = {  # open_etcd_store argument -> environment variable
+    "user": "MESH_ETCD_USER",
+    "password": "MESH_ETCD_PASSWORD",
+    "ca_cert": "MESH_ETCD_CA",
+    "cert_cert": "MESH_ETCD_CERT",
+    "cert_key": "MESH_ETCD_KEY",
+}
 
 
 def default_state_dir() -> Path:
@@ -28,14 +35,21 @@ def describe(url: str | None) -> str:
     return url or os.environ.get(ENV_COORDINATOR) or f"embedded://{default_state_dir()}"
 
 
-def open_store(url: str | None = None) -> Store:
+def etcd_options_from_env(env=os.environ) -> dict:
+    """etcd TLS and user/password, passed through to the client (URLs have no room for them)."""
+    options = {name: env[var] for name, var in ETCD_ENV.items() if env.get(var)}
+    return options
+
+
+def open_store(url: str | None = None, *, connect: bool = True) -> Store:
+    """`connect=False`: do not contact etcd yet (a daemon may start during an etcd outage)."""
     url = url or os.environ.get(ENV_COORDINATOR)
     if not url:
         from mesh.coordinator.embedded import open_embedded_store
         return open_embedded_store(default_state_dir())
     if url.startswith("etcd://"):
         from mesh.coordinator.etcd import open_etcd_store
-        return open_etcd_store(url)
+        return open_etcd_store(url, connect=connect, **etcd_options_from_env())
     path = url[len("embedded://"):] if url.startswith("embedded://") else url
     if "://" in path:
         raise StoreUnavailable(f"coordinator {url!r}: unknown scheme; use etcd://host:port or embedded:///path")

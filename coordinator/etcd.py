@@ -424,8 +424,11 @@ def _op_response(op: Op, response) -> object:
 
 def open_etcd_store(url_or_endpoints: str | Sequence[str], *, ca_cert: str | None = None,
                     cert_key: str | None = None, cert_cert: str | None = None, user: str | None = None,
-                    password: str | None = None, timeout_s: float = 5.0) -> EtcdStore:
+                    password: str | None = None, timeout_s: float = 5.0, connect: bool = True) -> EtcdStore:
     """Connect to etcd (`etcd://h1:p1,h2:p2` or a list of `host:port`) and return the store.
+
+    With `connect=False` nothing is contacted yet (a daemon starting during an etcd outage runs
+    on its cached config and connects on its first call that succeeds).
 
     TLS: `ca_cert` alone verifies the server; with `cert_key` and `cert_cert` the client also
     authenticates with a certificate. `user`/`password` log in (etcd auth). `timeout_s` bounds
@@ -442,5 +445,6 @@ def open_etcd_store(url_or_endpoints: str | Sequence[str], *, ca_cert: str | Non
         raise ValueError(f"timeout_s must be a number > 0 seconds (got {timeout_s!r})")
     store = EtcdStore(endpoints, ca_cert=ca_cert, cert_key=cert_key, cert_cert=cert_cert, user=user,
                       password=password, timeout_s=float(timeout_s))
-    store._connect("connecting")
+    if connect:
+        store._connect("connecting")
     return store
