@@ -74,3 +74,53 @@ class MeshBusy(MeshError):
                          "start, or raise the limit (max_pending)")
         self.pending = pending
         self.limit = limit
+
+
+class InvalidConfig(InvalidSpec):
+    """The cluster config breaks a rule (every problem listed, each naming the field, the rule and
+    the value). `source` names where the document came from (a store key, a cache file), or is
+    None for changes typed by a user."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        super().__init__(problems)
+        self.source = source
+        if source is not None:
+            self.args = (f"config in {source}: {self.args[0]}",)
+
+
+class ConfigConflict(StoreError):
+    """A config change lost a compare-and-set: the config is no longer at `expected` (it is at
+    `actual` now). Nothing of the change was written; re-read the config and retry."""
+
+    def __init__(self, expected: int, actual: int):
+        super().__init__(f"config changed concurrently: expected version {expected}, it is now version "
+                         f"{actual}; nothing was written. Re-read it (meshctl config get), check the change "
+                         f"still makes sense, and retry against version {actual}")
+        self.expected = expected
+        self.actual = actual
+
+
+class ConfigVersionNotFound(MeshError):
+    """A rollback named a config version that is not in the (bounded) history. `available` lists
+    the versions that are."""
+
+    def __init__(self, version: int, available: list[int]):
+        kept = _spans(available) if available else "none"
+        super().__init__(f"config version {version} is not in the history (versions available: {kept})")
+        self.version = version
+        self.available = list(available)
+
+
+def _spans(numbers: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1..3, 7'."""
+    out: list[str] = []
+    nums = sorted(numbers)
+    start = prev = nums[0]
+    for n in [*nums[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(str(start) if start == prev else f"{start}..{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(out)

@@ -48,10 +48,12 @@ def parse_assignment(text: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text!r})")
-    return int(text)
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low} (got {text!r})")
+        return int(text)
+    return parse
 
 
 @contextmanager
@@ -166,18 +168,18 @@ def add_config_commands(sub, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("set", parents=[common], help="change fields (compare-and-set)", formatter_class=fmt,
                             epilog=fields_help())
     p.add_argument("changes", nargs="+", type=parse_assignment, metavar="FIELD=VALUE")
-    p.add_argument("--expect-version", type=int, default=None, metavar="N",
+    p.add_argument("--expect-version", type=_int_at_least(0), default=None, metavar="N",
                    help="refuse unless the config is still at version N (default: the version read now)")
     p.add_argument("--comment", default="", help="why: kept in the history")
     p.set_defaults(func=cmd_config_set)
 
     p = commands.add_parser("history", parents=[common], help="past versions, newest first")
-    p.add_argument("--limit", type=_positive_int, default=20, metavar="N", help="versions to show (default 20)")
+    p.add_argument("--limit", type=_int_at_least(1), default=20, metavar="N", help="versions to show (default 20)")
     p.set_defaults(func=cmd_config_history)
 
     p = commands.add_parser("rollback", parents=[common], help="write an old version's config as a new version")
-    p.add_argument("version", type=_positive_int, metavar="VERSION")
-    p.add_argument("--expect-version", type=int, default=None, metavar="N",
+    p.add_argument("version", type=_int_at_least(1), metavar="VERSION")
+    p.add_argument("--expect-version", type=_int_at_least(0), default=None, metavar="N",
                    help="refuse unless the config is still at version N (default: the version read now)")
     p.add_argument("--comment", default="", help="why (default: 'rollback to version VERSION')")
     p.set_defaults(func=cmd_config_rollback)
