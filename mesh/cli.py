@@ -127,7 +127,7 @@ def cmd_run(args) -> int:
     configure_logging("info" if args.verbose else "warning")
     state_dir = args.state_dir or tempfile.mkdtemp(prefix="chunkmesh-run-")
     store = open_embedded_store(state_dir)
-    daemon = Daemon(store, DaemonConfig(workers=args.workers, node_id=args.node_id or "",
+    daemon = Daemon(store, DaemonConfig(workers=args.workers, node_id=args.node_id or "", state_dir=state_dir,
                                         log_level="info" if args.verbose else "warning"))
     try:
         daemon.start()

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import orjson
 import psutil
@@ -18,10 +19,13 @@ import structlog
 import zmq
 
 from mesh import __version__
+from mesh.coordinator.connect import default_state_dir
 from mesh.coordinator.errors import Compacted, JobNotFound, LeaseNotFound, StoreError
 from mesh.coordinator.jobs import JobStore
 from mesh.coordinator.store import Store
 from mesh.dispatcher import Dispatcher
+from mesh.logs import configure_logging
+from mesh.node_config import NodeConfig
 from mesh.owner import Owner, OwnerSettings
 from mesh.pool import WorkerPool, available_cores
 from mesh.worker import WorkerConfig
@@ -29,18 +33,25 @@ from mesh.worker import WorkerConfig
 
 @dataclass(frozen=True)
 class DaemonConfig:
+    """Local settings of one daemon. A field left None follows the cluster config (live where
+    it can: workers, log level, owner settings and allowed task modules for jobs claimed next)."""
     node_id: str = ""
-    workers: int | None = None          # default: one per core in our affinity set
-    window: int = 2                     # chunks a worker may hold (credits)
-    lease_ttl_s: float = 10.0
-    max_jobs: int = 4                   # jobs this daemon owns at once
+    workers: int | None = None          # None: cluster workers_per_node, else one per core
+    window: int | None = None           # chunks a worker may hold (credits); new workers
+    lease_ttl_s: float | None = None    # applies to the next lease
+    max_jobs: int | None = None         # jobs this daemon owns at once
+    log_level: str | None = None
+    owner: OwnerSettings | None = None
     bind: str = "tcp://127.0.0.1:*"
-    log_level: str = "info"
     prefix: str = "chunkmesh/"
-    owner: OwnerSettings = OwnerSettings()
+    state_dir: str | None = None        # config cache (default: $MESH_STATE_DIR/nodes/<node id>)
 
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _pick(local, cluster):
+    return cluster if local is None else local
 
 
 class Daemon:
@@ -50,32 +61,49 @@ class Daemon:
         self.node_id = cfg.resolved_node_id()
         self.jobs = JobStore(store, prefix=cfg.prefix)
         self.log = structlog.get_logger("mesh.daemon").bind(node=self.node_id)
+        state_dir = Path(cfg.state_dir) if cfg.state_dir else default_state_dir() / "nodes" / self.node_id
+        self.node_config = NodeConfig(store, cfg.prefix, state_dir / "config.json", log=self.log)
+        self.config_source = self.node_config.load_initial()
+        config = self.node_config.config
+        self.window = _pick(cfg.window, config.window)  # credits each worker announces
         self.ctx = zmq.Context()
         self.dispatcher = Dispatcher(self.ctx, node_id=self.node_id, bind=cfg.bind)
         self.pool = WorkerPool(
             WorkerConfig(node_id=self.node_id, slot=0, core=None, endpoint=self.dispatcher.endpoint,
-                         window=cfg.window, log_level=cfg.log_level),
-            workers=cfg.workers, on_lost=self.dispatcher.worker_lost, on_retired=self.dispatcher.worker_retired)
+                         window=self.window, log_level=_pick(cfg.log_level, config.log_level)),
+            workers=_pick(cfg.workers, config.workers_per_node),
+            on_lost=self.dispatcher.worker_lost, on_retired=self.dispatcher.worker_retired)
         self.owners: dict[str, Owner] = {}
         self.lease = None
         self._stop = threading.Event()
         self._rescan = threading.Event()
         self._record_dirty = threading.Event()  # our node record must be rewritten soon
         self.nodes: dict[str, dict] = {}  # node id -> its record, as last seen
-        self.config_version = 0  # the cluster config version applied (0: built-in defaults)
         self._owners_lock = threading.Lock()
         self._thread = threading.Thread(target=self._control_loop, name="control", daemon=True)
         self.node_key = f"{cfg.prefix}nodes/{self.node_id}"
 
+    @property
+    def config_version(self) -> int:
+        return self.node_config.version
+
     # -- lifecycle --
     def start(self) -> None:
-        self.lease = self.store.grant_lease(self.cfg.lease_ttl_s)
         self.dispatcher.start()
         self.pool.start()
-        self._write_node_record()
+        try:
+            self._register()
+        except StoreError as exc:  # run on the cached config; the control loop keeps trying
+            self.log.warning("coordinator_unreachable_will_retry", error=str(exc), config_version=self.config_version,
+                             config_source=self.config_source)
         self._thread.start()
         self.log.info("daemon_started", endpoint=self.dispatcher.endpoint,
-                      workers=self.pool.statistics().workers, cores=available_cores())
+                      workers=self.pool.statistics().workers, cores=available_cores(),
+                      config_version=self.config_version, config_source=self.config_source)
+
+    def _register(self) -> None:
+        self.lease = self.store.grant_lease(_pick(self.cfg.lease_ttl_s, self.node_config.config.lease_ttl_s))
+        self._write_node_record()
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until every worker has connected and announced its credits."""
@@ -118,16 +146,20 @@ class Daemon:
 
     # -- the control loop --
     def _control_loop(self) -> None:
-        """One watch over the whole namespace: jobs (claims, cancels), nodes (peers, deaths)."""
-        keepalive_every = self.cfg.lease_ttl_s / 3
-        next_keepalive = time.monotonic() + keepalive_every
+        """One watch over the whole namespace: jobs (claims, cancels), nodes (peers, deaths),
+        config (applied live)."""
+        next_keepalive = 0.0
+        backoff_s = 0.1
         watch = None
         while not self._stop.is_set():
             try:
+                if self.lease is None:
+                    self._register()
                 if watch is None:
                     revision = self.store.revision()
                     watch = self.store.watch(self.cfg.prefix, start_revision=revision + 1)
                     self._load_nodes()
+                    self._apply_config(self.node_config.refresh())
                     self._rescan.set()
                 if self._rescan.is_set():
                     self._rescan.clear()
@@ -137,18 +169,20 @@ class Daemon:
                 now = time.monotonic()
                 if now >= next_keepalive:
                     self.store.keepalive(self.lease.id)
-                    next_keepalive = now + keepalive_every
+                    next_keepalive = now + self.lease.ttl_s / 3
                     self._record_dirty.set()
                 if self._record_dirty.is_set():
                     self._record_dirty.clear()
                     self._write_node_record()
+                backoff_s = 0.1
             except Compacted:
                 watch = None
             except LeaseNotFound:
                 self._lease_lost()
-            except StoreError as exc:
-                self.log.warning("store_error", error=str(exc))
-                self._stop.wait(0.5)
+            except StoreError as exc:  # the data plane goes on; retry with backoff (the watch
+                self.log.warning("store_error", error=str(exc), retry_in_s=backoff_s)  # resumes itself)
+                self._stop.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
             except Exception:  # one bad iteration never kills the loop
                 self.log.exception("control_iteration_failed")
                 self._stop.wait(0.5)
@@ -163,6 +197,20 @@ class Daemon:
                 self._rescan.set()
         elif kind == "nodes":
             self._on_node_event(event, rest)
+        elif event.kv.key.startswith(self.node_config.key_prefix):
+            self._apply_config(self.node_config.on_event(event))
+
+    def _apply_config(self, previous) -> None:
+        """Apply what changed since `previous` (None: nothing changed)."""
+        if previous is None:
+            return
+        config = self.node_config.config
+        if self.cfg.workers is None and config.workers_per_node != previous.workers_per_node:
+            self.pool.resize(config.workers_per_node)
+        if self.cfg.log_level is None and config.log_level != previous.log_level:
+            configure_logging(config.log_level)
+        self._record_dirty.set()  # peers and `meshctl config status` see the version we run
+        self._rescan.set()        # max_jobs_per_node may have grown
 
     def _on_job_event(self, event, job_id: str, leaf: str) -> bool:
         """React to a change of one job; return True when claimable jobs may have appeared."""
@@ -226,8 +274,9 @@ class Daemon:
 
     def _try_claim(self, job_id: str) -> bool:
         """Claim `job_id` if we have room; return False when we are full."""
+        config = self.node_config.config
         with self._owners_lock:
-            if len(self.owners) >= self.cfg.max_jobs:
+            if len(self.owners) >= _pick(self.cfg.max_jobs, config.max_jobs_per_node):
                 return False
         epoch = self.jobs.claim(job_id, self.node_id, self.lease.id)
         if epoch is None:
@@ -236,8 +285,11 @@ class Daemon:
             spec = self.jobs.get_spec(job_id)
         except JobNotFound:
             return True
+        modules = config.allowed_task_modules
         owner = Owner(job_id=job_id, epoch=epoch, spec=spec, jobs=self.jobs, dispatcher=self.dispatcher,
-                      node_id=self.node_id, settings=self.cfg.owner, on_exit=self._owner_exited)
+                      node_id=self.node_id, on_exit=self._owner_exited,
+                      settings=_pick(self.cfg.owner, OwnerSettings(commit_interval_s=config.commit_interval_s)),
+                      allowed_modules=None if "*" in modules else tuple(modules))
         with self._owners_lock:
             self.owners[job_id] = owner
         owner.start()
@@ -258,8 +310,7 @@ class Daemon:
             owners = list(self.owners.values())
         for owner in owners:
             owner.step_down()
-        self.lease = self.store.grant_lease(self.cfg.lease_ttl_s)
-        self._write_node_record()
+        self._register()
 
     def _write_node_record(self) -> None:
         """Our entry in the registry, on our lease: refreshed with the keepalive (every

@@ -52,11 +52,13 @@ class Plan:
 
 class Owner:
     def __init__(self, *, job_id: str, epoch: int, spec: JobSpec, jobs: JobStore, dispatcher: Dispatcher,
-                 node_id: str, settings: OwnerSettings = OwnerSettings(), on_exit=lambda owner: None):
+                 node_id: str, settings: OwnerSettings = OwnerSettings(), on_exit=lambda owner: None,
+                 allowed_modules: tuple[str, ...] | None = None):
         self.job_id, self.epoch, self.spec = job_id, epoch, spec
         self.jobs, self.dispatcher, self.settings = jobs, dispatcher, settings
         self.node_id = node_id
         self.on_exit = on_exit
+        self.allowed_modules = allowed_modules  # None: any module (cluster config "*")
         self.log = structlog.get_logger("mesh.owner").bind(node=node_id, job=job_id, epoch=epoch)
         self.inbox: queue.Queue = queue.Queue()
         self.stop_source = threading.Event()
@@ -132,7 +134,7 @@ class Owner:
             self.on_exit(self)
 
     def _prepare(self) -> None:
-        self.task = resolve_task(self.spec.task)
+        self.task = resolve_task(self.spec.task, self.allowed_modules)
         self.out = OutputDir(self.spec.out)
         self.paths = self.out.claim(self.job_id, expand_inputs(self.spec.inputs))
         files = stat_inputs(self.paths)

@@ -33,6 +33,7 @@ def running_mesh(state_dir: str | Path, *, workers: int = 2, ready_timeout_s: fl
     """Start a daemon with `workers` pinned worker processes; stop it on exit."""
     state_dir = Path(state_dir)
     store = open_embedded_store(state_dir)
+    config.setdefault("state_dir", str(state_dir / "node"))
     daemon = Daemon(store, DaemonConfig(workers=workers, **config))
     daemon.start()
     try:

@@ -73,7 +73,7 @@ def test_in_flight_data_is_bounded_whatever_the_input_size(mesh, access_log_reco
         sampler.join()
     assert status["state"] == "done"
     assert status["summary"]["chunks_done"] > 500
-    window = mesh.daemon.cfg.window
+    window = mesh.daemon.window
     assert 0 < peak["chunks"] <= 2 * window
     assert peak["bytes"] <= 2 * window * (CHUNK + 64 * 1024)  # a chunk ends at a newline past CHUNK
 

@@ -21,11 +21,14 @@ class Cluster:
         self.daemons: dict[str, subprocess.Popen] = {}
         self.client = Client(etcd.url)
 
-    def start_daemon(self, node_id: str, *, workers: int = 1, lease_ttl_s: float = 2.0) -> subprocess.Popen:
-        log = open(self.root / f"{node_id}.log", "wb")
+    def start_daemon(self, node_id: str, *, workers: int | None = 1, lease_ttl_s: float = 2.0) -> subprocess.Popen:
+        """A meshd process; workers=None follows the cluster config's workers_per_node."""
+        log = open(self.root / f"{node_id}.log", "ab")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # sample_tasks for workers
+        args = ["--workers", str(workers)] if workers is not None else []
         proc = subprocess.Popen([sys.executable, "-m", "mesh.daemon_main", "--coordinator", self.etcd.url,
-                                 "--node-id", node_id, "--workers", str(workers), "--lease-ttl", str(lease_ttl_s)],
+                                 "--node-id", node_id, "--lease-ttl", str(lease_ttl_s),
+                                 "--state-dir", str(self.root / "state" / node_id), *args],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         self.daemons[node_id] = proc
         return proc
@@ -44,6 +47,18 @@ class Cluster:
                 raise TimeoutError(f"registry lists {sorted(seen)}, want {sorted(want)} after {timeout_s}s")
             time.sleep(0.05)
         return time.monotonic() - started
+
+    def wait_for(self, predicate, timeout_s: float, what: str) -> float:
+        started = time.monotonic()
+        while not predicate():
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"{what} did not happen within {timeout_s}s")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def meshctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mesh", *args, "--coordinator", self.etcd.url],
+                              capture_output=True, timeout=60)
 
     def log(self, node_id: str) -> str:
         return (self.root / f"{node_id}.log").read_text(errors="replace")
