@@ -68,9 +68,11 @@ def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, help="built-in (grep, jsonl, count_by, identity) or package.module:function")
     p.add_argument("--param", action="append", default=[], type=parse_param, metavar="KEY=VALUE")
     p.add_argument("--out", required=True, help="output directory (must be empty or new)")
-    p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE", help="e.g. 1M (default 1 MiB)")
-    p.add_argument("--codec", choices=("auto", *CODEC_NAMES), default="auto",
-                   help="transport compression (auto: none between processes of one host)")
+    p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
+                   help="e.g. 1M (default: the cluster config's default_chunk_size, 1 MiB)")
+    p.add_argument("--codec", choices=("auto", *CODEC_NAMES), default=None,
+                   help="transport compression (default: the cluster config's default_codec; auto: none "
+                        "between processes of one host)")
     p.add_argument("--max-failed-records", type=int, default=1000, help="failure budget before the job fails")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
 

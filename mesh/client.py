@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any, Callable, Sequence
 
+from mesh.coordinator.config import ConfigStore
 from mesh.coordinator.connect import open_store
 from mesh.coordinator.errors import MeshBusy
 from mesh.coordinator.jobs import TERMINAL_STATES, JobSpec, JobStore
@@ -23,7 +24,6 @@ from mesh.errors import JobFailed
 
 POLL_S = 0.1          # steady-state poll of a job's state
 FIRST_POLL_S = 0.005  # short jobs finish in tens of ms: start fast, back off to POLL_S
-DEFAULT_MAX_PENDING = 1000
 
 
 class Job:
@@ -77,11 +77,11 @@ class Job:
 
 class Client:
     def __init__(self, coordinator: str | None = None, *, store: Store | None = None,
-                 prefix: str = "chunkmesh/", max_pending: int = DEFAULT_MAX_PENDING):
+                 prefix: str = "chunkmesh/", max_pending: int | None = None):
         self._own_store = store is None
         self.store = store if store is not None else open_store(coordinator)
         self.jobs = JobStore(self.store, prefix=prefix)
-        self.max_pending = max_pending
+        self.max_pending = max_pending  # None: the cluster config's max_pending_jobs
 
     def close(self) -> None:
         if self._own_store:
@@ -93,22 +93,29 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @staticmethod
-    def make_spec(inputs: Sequence[str] | str, task: str, params: dict | None = None, *, out: str,
-                  chunk_size: int | None = None, codec: str = "auto", max_failed_records: int = 1000) -> JobSpec:
+    def cluster_config(self):
+        """The cluster config now (defaults when none was ever written)."""
+        return ConfigStore(self.store, self.jobs.prefix).get()[0]
+
+    def make_spec(self, inputs: Sequence[str] | str, task: str, params: dict | None = None, *, out: str,
+                  chunk_size: int | None = None, codec: str | None = None,
+                  max_failed_records: int = 1000) -> JobSpec:
+        """A JobSpec; chunk size and codec default to the cluster config's."""
         if isinstance(inputs, (str, os.PathLike)):
             inputs = [inputs]
-        fields: dict[str, Any] = dict(inputs=tuple(os.path.abspath(str(p)) for p in inputs), task=task,
-                                      params=dict(params or {}), out=os.path.abspath(str(out)), codec=codec,
-                                      max_failed_records=max_failed_records)
-        if chunk_size is not None:
-            fields["chunk_size"] = chunk_size
-        return JobSpec(**fields)
+        if chunk_size is None or codec is None:
+            config = self.cluster_config()
+            chunk_size = config.default_chunk_size if chunk_size is None else chunk_size
+            codec = config.default_codec if codec is None else codec
+        return JobSpec(inputs=tuple(os.path.abspath(str(p)) for p in inputs), task=task, params=dict(params or {}),
+                       out=os.path.abspath(str(out)), chunk_size=chunk_size, codec=codec,
+                       max_failed_records=max_failed_records)
 
     def submit_nowait(self, inputs, task: str, params: dict | None = None, *, out: str, **options) -> Job:
         """Submit now or raise MeshBusy (too many pending jobs) / InvalidSpec (all problems)."""
         spec = self.make_spec(inputs, task, params, out=out, **options)
-        return Job(self.jobs, self.jobs.submit(spec, max_pending=self.max_pending))
+        limit = self.max_pending if self.max_pending is not None else self.cluster_config().max_pending_jobs
+        return Job(self.jobs, self.jobs.submit(spec, max_pending=limit))
 
     def submit(self, inputs, task: str, params: dict | None = None, *, out: str,
                timeout_s: float = 30.0, **options) -> Job:

@@ -5,7 +5,9 @@
     MeshError
     ├── FrameError(reason)          a malformed frame on a socket: dropped and counted
     ├── CodecError(encoding)        corrupt or truncated compressed data
-    ├── InvalidSpec(problems)       a job spec / config breaks a rule (all problems listed)
+    ├── InvalidSpec(problems)       a job spec breaks a rule (all problems listed)
+    │   └── InvalidConfig           a cluster config breaks a rule (all problems listed)
+    ├── ConfigVersionNotFound       rollback to a version that history no longer holds
     ├── JobNotFound(job_id)
     ├── MeshBusy(pending, limit)    backpressure: too many pending jobs; wait or raise the limit
     ├── TaskError(task)             a task cannot be loaded (unknown name, import failure)
@@ -17,6 +19,7 @@
         ├── StoreAuthError(user)    etcd refused the credentials
         ├── Compacted(revision)     watched history is gone; re-read everything
         ├── LeaseNotFound(lease_id) the lease expired or was revoked
+        ├── ConfigConflict          a config write lost a race: re-read, then retry
         └── NotOwner(job_id, epoch) a fenced write lost: this owner must step down
 
     Shutdown (BaseException)        raised inside loops to stop them; broad `except Exception`
@@ -30,6 +33,9 @@ from __future__ import annotations
 from mesh.codecs.errors import CodecError, FrameError, MeshError
 from mesh.coordinator.errors import (
     Compacted,
+    ConfigConflict,
+    ConfigVersionNotFound,
+    InvalidConfig,
     InvalidSpec,
     JobNotFound,
     LeaseNotFound,
@@ -41,7 +47,7 @@ from mesh.coordinator.errors import (
 )
 
 __all__ = [
-    "CodecError", "Compacted", "FrameError", "InputError", "InvalidSpec", "JobFailed",
+    "CodecError", "Compacted", "ConfigConflict", "ConfigVersionNotFound", "InvalidConfig", "FrameError", "InputError", "InvalidSpec", "JobFailed",
     "JobNotFound", "LeaseNotFound", "MeshBusy", "MeshError", "NotOwner", "OutputError",
     "Shutdown", "StoreAuthError", "StoreError", "StoreUnavailable", "TaskError",
 ]

@@ -39,3 +39,27 @@ def test_three_daemons_share_a_50mb_job_and_a_killed_one_leaves_the_registry(clu
     cluster.daemons["n3"].send_signal(signal.SIGKILL)
     took = cluster.wait_nodes({"n1", "n2"}, timeout_s=LEASE_TTL_S + 2)
     assert took <= LEASE_TTL_S + 2
+
+
+def test_etcd_writes_grow_with_duration_and_nodes_not_with_chunks(cluster, access_log_records, tmp_path):
+    """A job's writes: submit, claim, finish, plus one commit per commit interval, plus each node's
+    record refresh (lease_ttl_s / 3) and job-set changes. Never one write per chunk."""
+    nodes = ("n1", "n2")
+    for node in nodes:
+        cluster.start_daemon(node, workers=1, lease_ttl_s=LEASE_TTL_S)
+    cluster.wait_nodes(set(nodes), timeout_s=60)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(access_log_records * 12)  # ~24 MB in 64 KiB chunks: ~370 chunks
+    store = cluster.client.store
+    before = store.revision()
+    job = cluster.client.submit([str(path)], "identity", {}, out=str(tmp_path / "out"), chunk_size=64 * 1024)
+    status = job.wait(timeout_s=120)
+    writes = store.revision() - before
+    assert status["state"] == "done"
+    chunks, seconds = status["summary"]["chunks_done"], status["summary"]["seconds"]
+    commit_interval_s = 0.5  # the cluster config's default
+    bound = 10 + 1.5 * seconds * (1 / commit_interval_s + len(nodes) * 3 / LEASE_TTL_S) + 4 * len(nodes)
+    print(f"{writes} etcd writes for {chunks} chunks in {seconds:.2f} s on {len(nodes)} nodes (bound {bound:.0f})")
+    assert chunks > 300
+    assert writes <= bound
+    assert writes < chunks / 5
