@@ -67,10 +67,16 @@ def print_jobs(jobs: list[dict]) -> None:
 
 
 def print_nodes(nodes: list[dict]) -> None:
-    table = Table("node", "host", "state", "workers", "in flight", "jobs", "last seen")
+    table = Table("node", "host", "state", "workers", "config", "cpu", "memory", "in flight", "chunks done", "jobs",
+                  "seen")
     now = time.time()
-    for n in nodes:
+    for n in sorted(nodes, key=lambda n: n.get("id", "")):
+        load = n.get("load") or {}
         table.add_row(n.get("id", "?"), n.get("host", "?"), n.get("state", "?"),
-                      f"{n.get('workers_alive', 0)}/{n.get('workers', 0)}", str(n.get("in_flight_chunks", 0)),
+                      f"{n.get('workers_alive', 0)}/{n.get('workers', 0)}", f"v{n.get('config_version', 0)}",
+                      f"{load.get('cpu_percent', 0):.0f}%", f"{load.get('memory_mb', 0):,.0f} MB",
+                      str(load.get("in_flight_chunks", 0)), f"{load.get('chunks_done', 0):,}",
                       ", ".join(n.get("jobs", [])), f"{now - n.get('updated_at', now):.0f} s ago")
     _console().print(table)
+    if not nodes:
+        _console().print("no daemon is registered: start one with `meshd` (or `meshctl up`)")
