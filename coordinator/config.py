@@ -173,6 +173,8 @@ SCHEMA: tuple[Field, ...] = (
     Field("max_jobs_per_node", "int", 4, (1, 64), "", "jobs one meshd owns at once"),
     Field("max_pending_jobs", "int", 1000, (1, 1_000_000), "", "pending jobs before submit says busy"),
     Field("commit_interval_s", "float", 0.5, (0.05, 60), "s", "how often an owner commits offsets"),
+    Field("chunk_time_limit_s", "float", 600.0, (0.5, 86400), "s",
+          "a worker busy longer than this on one chunk is killed; the chunk is retried, then dead-lettered"),
 )
 FIELDS: dict[str, Field] = {f.name: f for f in SCHEMA}
 
@@ -212,6 +214,7 @@ class ClusterConfig:
     max_jobs_per_node: int = _d("max_jobs_per_node")
     max_pending_jobs: int = _d("max_pending_jobs")
     commit_interval_s: float = _d("commit_interval_s")
+    chunk_time_limit_s: float = _d("chunk_time_limit_s")
 
     def __post_init__(self) -> None:
         problems = [p for f in SCHEMA for p in f.problems(getattr(self, f.name))]

@@ -71,7 +71,7 @@ class Daemon:
         self.pool = WorkerPool(
             WorkerConfig(node_id=self.node_id, slot=0, core=None, endpoint=self.dispatcher.endpoint,
                          window=self.window, log_level=_pick(cfg.log_level, config.log_level)),
-            workers=_pick(cfg.workers, config.workers_per_node),
+            workers=_pick(cfg.workers, config.workers_per_node), chunk_time_limit_s=config.chunk_time_limit_s,
             on_lost=self.dispatcher.worker_lost, on_retired=self.dispatcher.worker_retired)
         self.owners: dict[str, Owner] = {}
         self.lease = None
@@ -207,6 +207,7 @@ class Daemon:
         config = self.node_config.config
         if self.cfg.workers is None and config.workers_per_node != previous.workers_per_node:
             self.pool.resize(config.workers_per_node)
+        self.pool.chunk_time_limit_s = config.chunk_time_limit_s
         if self.cfg.log_level is None and config.log_level != previous.log_level:
             configure_logging(config.log_level)
         self._record_dirty.set()  # peers and `meshctl config status` see the version we run

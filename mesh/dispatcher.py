@@ -38,7 +38,8 @@ class Assignment:
     """A chunk the dispatcher is responsible for until its result arrives."""
     header: Header
     parts: list          # [header bytes, payload] as sent
-    blame: int = 0
+    blame: int = 0       # workers that died while executing it
+    reason: str = ""     # why the last of them died
 
     @property
     def key(self) -> tuple[str, int]:
@@ -120,8 +121,8 @@ class Dispatcher:
     def remove_job(self, job_id: str) -> None:
         self._command(("remove_job", job_id))
 
-    def worker_lost(self, identity: bytes, exitcode: int | None = None) -> None:
-        self._command(("worker_lost", identity))
+    def worker_lost(self, identity: bytes, reason: str = "") -> None:
+        self._command(("worker_lost", (identity, reason)))
 
     def worker_retired(self, identity: bytes) -> None:
         """A worker stopped on purpose (pool shrunk): re-send its chunks, blame none."""
@@ -207,7 +208,7 @@ class Dispatcher:
                 self.jobs.pop(arg, None)
                 self.retry = deque(a for a in self.retry if a.header.job_id != arg)
             elif name == "worker_lost":
-                self._lose_worker(arg)
+                self._lose_worker(arg[0], reason=arg[1])
             elif name == "worker_retired":
                 self._lose_worker(arg, blame=False)
             elif name == "node_lost":
@@ -282,13 +283,14 @@ class Dispatcher:
             return  # job removed (cancelled or finished): drop
         route.on_result(identity, header, payload, protocol.body_of(header))
 
-    def _lose_worker(self, identity: bytes, *, blame: bool = True) -> None:
+    def _lose_worker(self, identity: bytes, *, blame: bool = True, reason: str = "") -> None:
         link = self.workers.pop(identity, None)
         if link is None:
             return
         held = list(link.outstanding.values())
         if held and blame:
             held[0].blame += 1  # only the chunk it was executing is blamed
+            held[0].reason = reason or held[0].reason
         for assignment in reversed(held):
             route = self.jobs.get(assignment.header.job_id)
             if route is None:
@@ -333,7 +335,7 @@ class Dispatcher:
     def _resend(self, assignment: Assignment) -> Assignment:
         header = frames.with_attempt(assignment.header, assignment.header.attempt + 1)
         return Assignment(header=header, parts=[frames.encode_header(header), assignment.parts[1]],
-                          blame=assignment.blame)
+                          blame=assignment.blame, reason=assignment.reason)
 
     def _send(self, link: WorkerLink, assignment: Assignment) -> None:
         route = self.jobs[assignment.header.job_id]

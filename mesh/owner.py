@@ -23,7 +23,7 @@ from mesh.codecs import frames
 from mesh.codecs.frames import Kind
 from mesh.coordinator.jobs import JobSpec, JobStore
 from mesh.dispatcher import Assignment, Dispatcher, JobRoute
-from mesh.errors import MeshError, NotOwner
+from mesh.errors import MeshError, NotOwner, StoreError
 from mesh.accounting import Accounting, Tally
 from mesh.offsets import Watermarks
 from mesh.outputs import RESULT, SUMMARY, OutputDir, list_parts, part_name
@@ -62,6 +62,8 @@ class Owner:
         self.log = structlog.get_logger("mesh.owner").bind(node=node_id, job=job_id, epoch=epoch)
         self.inbox: queue.Queue = queue.Queue()
         self.stop_source = threading.Event()
+        self.stepping_down = threading.Event()
+        self._commit_failing_since: float | None = None
         self.plan = Plan()
         self.planned: dict[int, PlannedChunk] = {}
         self.accounting = Accounting(Watermarks())
@@ -84,6 +86,7 @@ class Owner:
     def step_down(self) -> None:
         """Stop without writing anything more (lease lost or daemon stopping); another daemon
         may resume the job from its committed offsets."""
+        self.stepping_down.set()
         self.inbox.put(("step_down", None))
 
     def join(self, timeout_s: float | None = None) -> None:
@@ -97,7 +100,9 @@ class Owner:
     def _run(self) -> None:
         try:
             try:
-                self._prepare()
+                self._until_stored(self._prepare, "prepare")
+            except StoreError:
+                raise  # only while stepping down: see _until_stored
             except MeshError as exc:
                 self.log.info("job_failed_at_start", error=str(exc))
                 self._finish("failed", str(exc))
@@ -113,13 +118,15 @@ class Owner:
             self.log.info("job_started", files=len(self.paths), task=self.spec.task)
             try:
                 self._loop()
-            except NotOwner:
+            except StoreError:
                 raise
             except MeshError as exc:  # e.g. the output directory became unwritable or full
                 self.log.warning("job_failed", error=str(exc))
                 self._finish("failed", str(exc))
         except NotOwner as exc:
             self.log.warning("owner_fenced_out", error=str(exc))
+        except StoreError as exc:  # stepping down while the store was unreachable: the job
+            self.log.info("owner_step_down", error=str(exc))  # resumes from committed offsets
         except Exception:
             self.log.exception("owner_crashed")
             try:
@@ -253,8 +260,9 @@ class Owner:
         chunk = self.planned.pop(assignment.header.chunk_id, None)
         if chunk is None:
             return
-        error = (f"a worker process died {assignment.blame} times while processing this chunk "
-                 "(poison chunk: a task that crashes the interpreter or exhausts memory)")
+        error = (f"a worker process died {assignment.blame} times while processing this chunk, the last "
+                 f"time: {assignment.reason or 'unknown'} (poison chunk: a task that hangs, crashes the "
+                 "interpreter or exhausts memory)")
         dead = [{"file_index": s.file_index, "offset": s.start, "error": error, "record": ""} for s in chunk.segments]
         self._dead_letters(*chunk.key, dead)
         self.log.warning("poison_chunk", chunk=assignment.header.chunk_id, blame=assignment.blame)
@@ -287,24 +295,60 @@ class Owner:
         return doc
 
     def _commit(self) -> None:
+        """Commit offsets + progress, fenced. The store being unreachable is not fatal: the data
+        plane goes on and the commit is retried at the next interval (what is not committed is
+        at worst redone after a failover)."""
         self.out.sync()
-        self.jobs.commit(self.job_id, self.epoch, offsets=self.accounting.watermarks.to_doc(),
-                         progress=self._progress())
+        try:
+            self.jobs.commit(self.job_id, self.epoch, offsets=self.accounting.watermarks.to_doc(),
+                             progress=self._progress())
+        except NotOwner:
+            raise
+        except StoreError as exc:
+            if self._commit_failing_since is None:
+                self._commit_failing_since = time.monotonic()
+            self.log.warning("commit_failed_will_retry", error=str(exc),
+                             failing_for_s=round(time.monotonic() - self._commit_failing_since, 1))
+        else:
+            if self._commit_failing_since is not None:
+                self.log.info("commit_recovered", after_s=round(time.monotonic() - self._commit_failing_since, 1))
+                self._commit_failing_since = None
         self._since_commit = 0
         self._last_commit = time.monotonic()
 
+    def _until_stored(self, write, what: str):
+        """Run a store write until it succeeds (backoff up to 5 s), NotOwner is raised, or the
+        owner is told to step down (then StoreError propagates)."""
+        backoff_s = 0.1
+        while True:
+            try:
+                return write()
+            except NotOwner:
+                raise
+            except StoreError as exc:
+                if self.stepping_down.wait(backoff_s):
+                    raise
+                self.log.warning("store_write_failed_will_retry", what=what, error=str(exc), retry_in_s=backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+
     def _finish(self, state: str, reason: str) -> None:
+        """End the job. For `done`, first a fenced commit: a zombie owner (its lease expired while
+        it was stopped) learns here that it lost the job, before it writes any final file."""
         self.stop_source.set()
         summary = self._progress()
         summary["state"] = state
         summary.pop("durable", None)
-        if self.task is not None and self.task.is_reduce and state == "done":
-            summary["result"] = _sorted(merge_partials(self.out.path, self.task.combine))
-            self.out.write(RESULT, orjson.dumps(summary["result"]))
-        if self.out is not None and state == "done":
+        if state == "done":
+            self._until_stored(lambda: self.jobs.commit(self.job_id, self.epoch,
+                                                        offsets=self.accounting.watermarks.to_doc(),
+                                                        progress=self._progress()), "final commit")
+            if self.task.is_reduce:
+                summary["result"] = _sorted(merge_partials(self.out.path, self.task.combine))
+                self.out.write(RESULT, orjson.dumps(summary["result"]))
             self.out.write(SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
             self.out.sync()
-        self.jobs.finish(self.job_id, self.epoch, state, reason=reason, summary=summary)
+        self._until_stored(lambda: self.jobs.finish(self.job_id, self.epoch, state, reason=reason, summary=summary),
+                           "finish")
         self.log.info("job_finished", state=state, reason=reason, records_in=summary["records_in"],
                       seconds=summary["seconds"])
 

@@ -40,6 +40,8 @@ class _Slot:
     backoff_s: float = RESTART_BACKOFF_MIN_S
     restart_at: float | None = None
     retired: bool = False
+    busy_since: object = None  # multiprocessing RawValue('d'): monotonic start of the current chunk
+    kill_reason: str = ""
 
 
 @dataclass
@@ -52,14 +54,15 @@ class PoolStatistics:
 
 class WorkerPool:
     def __init__(self, base: WorkerConfig, *, workers: int | None = None,
-                 on_lost: Callable[[bytes, int | None], None] = lambda identity, exitcode: None,
+                 on_lost: Callable[[bytes, str], None] = lambda identity, reason: None,
                  on_retired: Callable[[bytes], None] = lambda identity: None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, chunk_time_limit_s: float | None = None):
         self._base = base
         self._cores = available_cores()
         self._slots = [self._new_slot(i) for i in range(workers or len(self._cores))]
         self._on_lost = on_lost
         self._on_retired = on_retired
+        self.chunk_time_limit_s = chunk_time_limit_s  # settable live (cluster config)
         self._clock = clock
         self._ctx = forkserver_context()
         self._stop = threading.Event()
@@ -100,8 +103,10 @@ class WorkerPool:
         self.log.info("pool_resized", workers=count, retired=len(retired))
 
     def _spawn(self, slot: _Slot) -> None:
-        proc = self._ctx.Process(target=worker_main, args=(slot.cfg,), name=f"mesh-worker-{slot.cfg.slot}",
-                                 daemon=True)
+        slot.busy_since = self._ctx.RawValue("d", 0.0)
+        slot.kill_reason = ""
+        proc = self._ctx.Process(target=worker_main, args=(slot.cfg, slot.busy_since),
+                                 name=f"mesh-worker-{slot.cfg.slot}", daemon=True)
         proc.start()
         slot.process = proc
         slot.identity = worker_identity(slot.cfg.node_id, slot.cfg.slot, proc.pid)
@@ -124,7 +129,9 @@ class WorkerPool:
             with self._lock:
                 waitables = {s.process.sentinel: s for s in self._slots if s.process is not None}
                 due = [s.restart_at for s in self._slots if s.restart_at is not None]
-            timeout = max(0.0, min(due) - self._clock()) if due else 1.0
+            timeout = min(1.0, max(0.0, min(due) - self._clock())) if due else 1.0
+            if self.chunk_time_limit_s is not None:
+                timeout = min(timeout, max(0.05, self.chunk_time_limit_s / 4))
             ready = multiprocessing.connection.wait([*waitables, self._wake_r], timeout=timeout)
             if self._stop.is_set():
                 return
@@ -134,7 +141,25 @@ class WorkerPool:
                 slot = waitables.get(sentinel)
                 if slot is not None:
                     self._on_death(slot)
+            self._enforce_time_limit()
             self._restart_due()
+
+    def _enforce_time_limit(self) -> None:
+        """Kill a worker stuck on one chunk (a task hung in C code cannot be interrupted): its
+        death re-sends the chunk with blame, so a chunk that always hangs ends in dead letters."""
+        limit = self.chunk_time_limit_s
+        if limit is None:
+            return
+        now = time.monotonic()  # system-wide on Linux: comparable with the worker's clock
+        with self._lock:
+            slots = list(self._slots)
+        for slot in slots:
+            started = slot.busy_since.value if slot.busy_since is not None else 0.0
+            if slot.process is not None and started and now - started > limit and not slot.kill_reason:
+                slot.kill_reason = f"exceeded the chunk time limit of {limit:g} s"
+                self.log.warning("worker_killed_chunk_time_limit", worker=slot.cfg.slot, pid=slot.process.pid,
+                                 busy_s=round(now - started, 1), limit_s=limit)
+                slot.process.kill()
 
     def _on_death(self, slot: _Slot) -> None:
         if slot.retired:
@@ -152,7 +177,7 @@ class WorkerPool:
         self.log.warning("worker_died", worker=slot.cfg.slot, pid=proc.pid, exitcode=exitcode,
                          restart_in_s=round(slot.backoff_s, 3))
         try:
-            self._on_lost(slot.identity, exitcode)
+            self._on_lost(slot.identity, slot.kill_reason or f"exit code {exitcode}")
         except Exception:
             self.log.exception("on_lost_callback_failed", worker=slot.cfg.slot)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -76,8 +77,9 @@ def _tune_malloc() -> None:
 
 
 class Worker:
-    def __init__(self, cfg: WorkerConfig):
+    def __init__(self, cfg: WorkerConfig, busy_since=None):
         self.cfg = cfg
+        self.busy_since = busy_since  # shared with the pool: when the current chunk started (0: idle)
         self.identity = worker_identity(cfg.node_id, cfg.slot, os.getpid())
         self.log = structlog.get_logger("mesh.worker").bind(node=cfg.node_id, worker=cfg.slot, core=cfg.core)
         self.jobs: OrderedDict[str, tuple] = OrderedDict()
@@ -178,6 +180,15 @@ class Worker:
         return task, params
 
     def on_chunk(self, header, payload) -> list:
+        if self.busy_since is not None:
+            self.busy_since.value = time.monotonic()
+        try:
+            return self._process(header, payload)
+        finally:
+            if self.busy_since is not None:
+                self.busy_since.value = 0.0
+
+    def _process(self, header, payload) -> list:
         log = self.log.bind(job=header.job_id, chunk=header.chunk_id, attempt=header.attempt)
         if header.job_id not in self.jobs:
             outcome = ChunkOutcome(job_error=f"worker got chunk {header.chunk_id} of unknown job {header.job_id}")
@@ -200,7 +211,7 @@ class Worker:
         return [hdr, body]
 
 
-def worker_main(cfg: WorkerConfig) -> None:
+def worker_main(cfg: WorkerConfig, busy_since=None) -> None:
     """Entry point of a worker process (multiprocessing target)."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -210,4 +221,4 @@ def worker_main(cfg: WorkerConfig) -> None:
         psutil.Process().cpu_affinity([cfg.core])
     _tune_malloc()
     configure_logging(cfg.log_level)
-    Worker(cfg).run()
+    Worker(cfg, busy_since).run()

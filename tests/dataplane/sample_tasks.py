@@ -49,3 +49,13 @@ def slow_count(records, params):
     import time
     time.sleep(float(params.get("delay_s", 0.05)))
     return count_by(records, params)
+
+
+def hang_on(records, params):
+    """Hang (as a task stuck in a C call would) on records containing the marker."""
+    import time
+    marker = params["marker"].encode()
+    for rec in records:
+        if marker in rec:
+            time.sleep(3600)
+        yield rec

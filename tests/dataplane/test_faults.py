@@ -208,3 +208,25 @@ def test_resizing_the_pool_mid_job_loses_no_chunk(tmp_path, access_log_records):
         assert m.daemon.pool.statistics().restarts == 0  # retiring is not a death
     assert b"".join(iter_output(tmp_path / "out")) == access_log_records * 3
     assert status["summary"]["records_in"] == access_log_records.count(b"\n") * 3
+
+
+def test_a_task_that_hangs_is_killed_at_the_chunk_time_limit_and_dead_lettered(tmp_path):
+    from mesh.coordinator.config import ConfigStore
+    from mesh.coordinator.embedded import open_embedded_store
+
+    with open_embedded_store(tmp_path / "state") as store:
+        ConfigStore(store).set({"chunk_time_limit_s": 1}, expected_version=0)
+    path = tmp_path / "in.jsonl"
+    good = [b'{"n": %d}' % i for i in range(6000)]
+    path.write_bytes(b"\n".join(good[:3000] + [b'{"hang": 1}'] + good[3000:]) + b"\n")
+    with running_mesh(tmp_path / "state", workers=2) as m:
+        job = m.client.submit([str(path)], "sample_tasks:hang_on", {"marker": "hang"}, out=str(tmp_path / "out"),
+                              chunk_size=CHUNK, max_failed_records=100_000)
+        status = job.wait(timeout_s=60)
+        assert status["state"] == "done", status
+        assert m.daemon.pool.statistics().restarts == 3
+    dead = [orjson.loads(l) for p in list_parts(tmp_path / "out", "dead") for l in p.read_bytes().splitlines()]
+    assert len(dead) == 1 and "exceeded the chunk time limit of 1 s" in dead[0]["error"]
+    out = b"".join(iter_output(tmp_path / "out"))
+    assert out.count(b"\n") == 6000 - (status["summary"]["failed_records"] - 1)  # the rest of that chunk is lost
+    assert b'"hang"' not in out
