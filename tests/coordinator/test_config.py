@@ -365,5 +365,5 @@ def test_field_help_is_complete():
         assert not f.problems(f.default), f"{f.name}: its default breaks its own rule"
     assert set(FIELDS) == {"workers_per_node", "window", "default_chunk_size", "default_codec", "log_level",
                            "allowed_task_modules", "lease_ttl_s", "max_jobs_per_node", "max_pending_jobs",
-                           "commit_interval_s"}
+                           "commit_interval_s", "chunk_time_limit_s"}
     assert issubclass(ConfigConflict, StoreError)
