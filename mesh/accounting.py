@@ -21,6 +21,7 @@ class Tally:
     bytes_in: int = 0
     bytes_read: int = 0
     chunks_done: int = 0
+    chunks_redone: int = 0   # chunks whose part already existed: work done again after a fault
     nodes: dict = field(default_factory=dict)
 
     def add(self, other: "Tally") -> None:

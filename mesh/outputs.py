@@ -92,18 +92,21 @@ class OutputDir:
                 pass
             raise OutputError(str(self.path), f"cannot write {name} in {self.path}: {exc.strerror}") from exc
 
-    def write_or_remove(self, name: str, data: bytes | memoryview | None) -> None:
+    def write_or_remove(self, name: str, data: bytes | memoryview | None) -> bool:
         """Write `name`, or make sure it is absent when there is nothing to write (a replay whose
-        output is now empty must not leave the old part behind)."""
+        output is now empty must not leave the old part behind). Return True when a file of
+        that name existed before (the chunk was done before: a replay)."""
+        existed = os.path.exists(self.path / name)
         if data:
             self.write(name, data)
-            return
+            return existed
         try:
             os.unlink(self.path / name)
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise OutputError(str(self.path), f"cannot remove {name} in {self.path}: {exc.strerror}") from exc
+        return existed
 
     def sync(self) -> None:
         """fsync the directory, so that renames done so far survive a crash."""

@@ -245,14 +245,15 @@ class Owner:
         key = chunk.key
         if self.task.is_reduce:
             partial = body.get("partial")
-            self.out.write_or_remove(part_name("partial", *key), orjson.dumps(partial) if partial is not None else None)
+            redone = self.out.write_or_remove(part_name("partial", *key),
+                                              orjson.dumps(partial) if partial is not None else None)
         else:
-            self.out.write_or_remove(part_name("part", *key), payload)
+            redone = self.out.write_or_remove(part_name("part", *key), payload)
         self._dead_letters(*key, body.get("dead_letters") or [])
         records = int(body.get("records_in", 0))
         tally = Tally(records_in=records, records_out=int(body.get("records_out", 0)),
                       failed_records=int(body.get("failed_records", 0)), bytes_in=int(body.get("bytes_in", 0)),
-                      nodes={node_of(identity): {"chunks": 1, "records": records}})
+                      nodes={node_of(identity): {"chunks": 1, "records": records}}, chunks_redone=int(redone))
         self._chunk_done(chunk, tally)
         return None
 

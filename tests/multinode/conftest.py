@@ -1,79 +1,10 @@
-"""A real cluster on 127.0.0.1: one etcd, several `meshd` processes (real sockets, real signals)."""
+"""Fixtures for multi-node tests: see tests/cluster.py."""
 from __future__ import annotations
-
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
+from cluster import Cluster
 from etcd_server import EtcdServer
-from mesh import Client
-
-
-class Cluster:
-    def __init__(self, etcd: EtcdServer, root: Path):
-        self.etcd = etcd
-        self.root = root
-        self.daemons: dict[str, subprocess.Popen] = {}
-        self.client = Client(etcd.url)
-
-    def start_daemon(self, node_id: str, *, workers: int | None = 1, lease_ttl_s: float = 2.0) -> subprocess.Popen:
-        """A meshd process; workers=None follows the cluster config's workers_per_node."""
-        log = open(self.root / f"{node_id}.log", "ab")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # sample_tasks for workers
-        args = ["--workers", str(workers)] if workers is not None else []
-        proc = subprocess.Popen([sys.executable, "-m", "mesh.daemon_main", "--coordinator", self.etcd.url,
-                                 "--node-id", node_id, "--lease-ttl", str(lease_ttl_s),
-                                 "--state-dir", str(self.root / "state" / node_id), *args],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.daemons[node_id] = proc
-        return proc
-
-    def node_ids(self) -> set[str]:
-        return {n["id"] for n in self.client.nodes()}
-
-    def wait_nodes(self, want: set[str], timeout_s: float) -> float:
-        """Poll the registry until it lists exactly `want`; return the seconds it took."""
-        started = time.monotonic()
-        while (seen := self.node_ids()) != want:
-            for node, proc in self.daemons.items():
-                if node in want and proc.poll() is not None:
-                    raise AssertionError(f"meshd {node} exited {proc.returncode}: {self.log(node)[-2000:]}")
-            if time.monotonic() - started > timeout_s:
-                raise TimeoutError(f"registry lists {sorted(seen)}, want {sorted(want)} after {timeout_s}s")
-            time.sleep(0.05)
-        return time.monotonic() - started
-
-    def wait_for(self, predicate, timeout_s: float, what: str) -> float:
-        started = time.monotonic()
-        while not predicate():
-            if time.monotonic() - started > timeout_s:
-                raise TimeoutError(f"{what} did not happen within {timeout_s}s")
-            time.sleep(0.05)
-        return time.monotonic() - started
-
-    def meshctl(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "mesh", *args, "--coordinator", self.etcd.url],
-                              capture_output=True, timeout=60)
-
-    def log(self, node_id: str) -> str:
-        return (self.root / f"{node_id}.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        for proc in self.daemons.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.daemons.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        self.client.close()
 
 
 @pytest.fixture
