@@ -20,7 +20,7 @@ from mesh.coordinator.connect import open_store
 from mesh.coordinator.errors import MeshBusy
 from mesh.coordinator.jobs import TERMINAL_STATES, JobSpec, JobStore
 from mesh.coordinator.store import Store
-from mesh.errors import JobFailed
+from mesh.errors import JobFailed, StoreUnavailable
 
 POLL_S = 0.1          # steady-state poll of a job's state
 FIRST_POLL_S = 0.005  # short jobs finish in tens of ms: start fast, back off to POLL_S
@@ -53,7 +53,14 @@ class Job:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         poll_s = FIRST_POLL_S
         while True:
-            status = self.status()
+            try:
+                status = self.status()
+            except StoreUnavailable as exc:  # the coordinator is down for a while: the job goes on
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"job {self.id}: the coordinator was unreachable until the deadline "
+                                       f"({timeout_s}s): {exc}") from exc
+                time.sleep(POLL_S)
+                continue
             if progress is not None:
                 progress(status.get("progress") or status.get("summary") or {})
             if status["state"] in TERMINAL_STATES:

@@ -287,7 +287,8 @@ class Owner:
         return self.plan.planning_done and not self.planned
 
     def _progress(self) -> dict:
-        doc = {**self.accounting.total().to_doc(), **self.plan.__dict__, "durable": self.accounting.durable.to_doc()}
+        doc = {**self.accounting.total().to_doc(), **self.plan.__dict__, "durable": self.accounting.durable.to_doc(),
+               "epoch": self.epoch, "owner": self.node_id}
         doc["seconds"] = round(time.monotonic() - self.started, 3)
         doc["updated_at"] = time.time()
         stats = self.dispatcher.statistics()
