@@ -365,6 +365,28 @@ class JobStore:
                 return new_state
         raise StoreError(f"job {job_id}: cancel lost {_RACE_RETRIES} races in a row; retry")
 
+    def replay(self, job_id: str, offsets: dict, info: dict) -> None:
+        """Run a finished job again from `offsets` (the data plane computes them aligned to chunk
+        starts). One txn, only while the job is terminal and unowned: offsets rewound, counters
+        reset (the replay's summary counts what was replayed), `info` kept in its progress,
+        cancel mark cleared, state pending. Raises JobNotFound, or StoreError naming the state
+        when the job is not finished."""
+        state_key, owner_key = self.key(job_id, "state"), self.key(job_id, "owner")
+        _, state_kv, owner_kv = self._read(job_id, "state", "owner")
+        state = _loads(state_kv).get("state") if state_kv else None
+        if state not in TERMINAL_STATES or owner_kv is not None:
+            raise StoreError(f"job {job_id} is {state}: only a finished job (done, failed, cancelled) can be "
+                             "replayed; cancel it first or wait for it")
+        ok = self.store.txn(
+            [mod_is(state_key, state_kv.mod_revision), absent(owner_key)],
+            [Put(self.key(job_id, "offsets"), _dumps(offsets)),
+             Put(self.key(job_id, "progress"), _dumps({"replay": info})),
+             Delete(self.key(job_id, "cancel")),
+             Put(state_key, self._state_doc("pending", f"replay requested: {info.get('from', 'all')}"))],
+        ).succeeded
+        if not ok:
+            raise StoreError(f"job {job_id} changed while the replay was being requested; retry")
+
     def cancel_requested(self, job_id: str) -> bool:
         return self.store.get(self.key(job_id, "cancel")) is not None
 

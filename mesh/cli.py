@@ -90,6 +90,7 @@ def _summary_doc(status: dict) -> dict:
         "bytes_read": summary.get("bytes_read", 0), "files": summary.get("files", 0),
         "chunks": summary.get("chunks_done", 0), "seconds": summary.get("seconds", 0.0),
         "nodes": summary.get("nodes", {}), "result": summary.get("result"),
+        "chunks_redone": summary.get("chunks_redone", 0), "replay": summary.get("replay"),
     }
 
 
@@ -192,6 +193,26 @@ def cmd_cancel(args) -> int:
     return EXIT_OK
 
 
+def cmd_replay(args) -> int:
+    """Reprocess a finished job, all of it or from FILE:OFFSET on."""
+    from mesh.client import Client
+    from_file, offset = None, 0
+    if args.from_:
+        from_file, sep, raw = args.from_.rpartition(":")
+        if not sep or not raw.isdigit() or not from_file:
+            return _fail(EXIT_USAGE, f"--from must be FILE:OFFSET with OFFSET a byte offset (got {args.from_!r})")
+        offset = int(raw)
+    with Client(args.coordinator) as client:
+        job = client.job(args.job)
+        info = job.replay(from_file=from_file, offset=offset)
+        print(f"replay of {job.id} requested from {info['from']}"
+              + (f" (aligned to chunk start {info['aligned_offset']})" if "aligned_offset" in info else ""),
+              file=sys.stderr)
+        if not args.wait:
+            return EXIT_OK
+        return _wait_with_progress(job, args)
+
+
 def cmd_nodes(args) -> int:
     return _show(args, lambda client: client.nodes(), "print_nodes")
 
@@ -243,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("job")
         p.set_defaults(func=func)
+    p = sub.add_parser("replay", parents=[common], help="reprocess a finished job with its task")
+    p.add_argument("job")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="everything")
+    which.add_argument("--from", dest="from_", metavar="FILE:OFFSET", help="from this input file and byte offset on")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    p.set_defaults(func=cmd_replay)
     sub.add_parser("jobs", parents=[common], help="list jobs").set_defaults(func=cmd_jobs)
     sub.add_parser("nodes", parents=[common], help="list daemons").set_defaults(func=cmd_nodes)
 

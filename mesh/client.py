@@ -81,6 +81,18 @@ class Job:
     def cancel(self) -> None:
         self._jobs.request_cancel(self.id)
 
+    def replay(self, *, from_file: str | None = None, offset: int = 0) -> dict:
+        """Run this finished job again with its task (e.g. after fixing a bug in it): everything,
+        or from `from_file` at `offset` on (aligned down to a chunk start). Parts are replaced
+        atomically; the replay's summary counts what was replayed. Needs the output directory
+        (read here to align the offset). Returns the replay's description."""
+        from mesh.replay import replay_offsets
+
+        spec = self._jobs.get_spec(self.id)
+        offsets, info = replay_offsets(spec.out, from_file=from_file, offset=offset)
+        self._jobs.replay(self.id, offsets, info)
+        return info
+
 
 class Client:
     def __init__(self, coordinator: str | None = None, *, store: Store | None = None,

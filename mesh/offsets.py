@@ -48,6 +48,8 @@ class Watermarks:
 
     def _mark_done(self, file_index: int) -> None:
         self.next.pop(file_index, None)
+        if file_index < self.files_done:  # already done (a replayed bundle re-done before a file)
+            return
         self.done.add(file_index)
         while self.files_done in self.done:
             self.done.discard(self.files_done)

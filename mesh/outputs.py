@@ -129,6 +129,26 @@ def list_parts(path: str | os.PathLike, kind: str = "part") -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
+def chunk_starts(path: str | os.PathLike, file_index: int) -> list[int]:
+    """Offsets in file `file_index` where chunks of this output start (from every kind of file:
+    parts, partials, dead letters): each is a chunk boundary a replay can restart from."""
+    starts = set()
+    for entry in os.scandir(path):
+        m = _PART.match(entry.name)
+        if m and int(m.group(2)) == file_index:
+            starts.add(int(m.group(3)))
+    return sorted(starts)
+
+
+def read_inputs(path: str | os.PathLike) -> tuple[str, list[str]]:
+    """(job id, input files) an output directory is bound to."""
+    try:
+        doc = orjson.loads((Path(path) / INPUTS).read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise OutputError(str(path), f"{path} holds no readable {INPUTS}: is it a job's output directory? ({exc})") from exc
+    return doc["job"], list(doc["files"])
+
+
 def iter_output(path: str | os.PathLike, *, block_bytes: int = 1 << 20) -> Iterator[bytes]:
     """The decompressed output records of a job as byte blocks, in input order."""
     zstd = get_codec("zstd")

@@ -63,6 +63,7 @@ class Owner:
         self.inbox: queue.Queue = queue.Queue()
         self.stop_source = threading.Event()
         self.stepping_down = threading.Event()
+        self.replay: dict | None = None
         self._commit_failing_since: float | None = None
         self.plan = Plan()
         self.planned: dict[int, PlannedChunk] = {}
@@ -150,7 +151,9 @@ class Owner:
         self.plan.bytes_total = sum(f.size for f in files)
         committed = self.jobs.get_offsets(self.job_id)
         self.committed = Watermarks(committed)  # read by the source thread only
-        durable = (self.jobs.get_progress(self.job_id) or {}).get("durable") if committed else None
+        previous = self.jobs.get_progress(self.job_id) or {}
+        self.replay = previous.get("replay")  # set when this run is a replay (kept in the summary)
+        durable = previous.get("durable") if committed else None
         self.accounting = Accounting(Watermarks(committed), durable)  # this thread only
 
     def _source(self) -> None:
@@ -289,6 +292,8 @@ class Owner:
     def _progress(self) -> dict:
         doc = {**self.accounting.total().to_doc(), **self.plan.__dict__, "durable": self.accounting.durable.to_doc(),
                "epoch": self.epoch, "owner": self.node_id}
+        if self.replay:
+            doc["replay"] = self.replay
         doc["seconds"] = round(time.monotonic() - self.started, 3)
         doc["updated_at"] = time.time()
         stats = self.dispatcher.statistics()

@@ -59,3 +59,21 @@ def hang_on(records, params):
         if marker in rec:
             time.sleep(3600)
         yield rec
+
+
+def slow_jsonl(records, params):
+    """The built-in `jsonl` (where/fields) after a fixed sleep per chunk: a real filter whose job
+    lasts long enough for the chaos tests to inject faults while it runs."""
+    import time
+
+    from mesh.tasks.builtin import jsonl
+    time.sleep(float(params.get("delay_s", 0.05)))
+    return jsonl(records, {k: v for k, v in params.items() if k != "delay_s"})
+
+
+def versioned(records, params):
+    """Prefix each record with the task's 'version' (the content of a file): replay tests change
+    it between runs, as fixing a bug in a task would."""
+    with open(params["version_file"], "rb") as f:
+        version = f.read().strip()
+    return [version + b":" + rec for rec in records]
