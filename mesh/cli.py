@@ -177,8 +177,16 @@ def _show(args, fetch, render_name: str) -> int:
     return EXIT_OK
 
 
+def _status_with_dead_letters(client, job_id: str) -> dict:
+    job = client.job(job_id)
+    status = job.status()
+    counters = status.get("summary") or status.get("progress") or {}
+    status["dead_letters"] = job.dead_letters() if counters.get("failed_records") else []
+    return status
+
+
 def cmd_status(args) -> int:
-    return _show(args, lambda client: client.job(args.job).status(), "print_status")
+    return _show(args, lambda client: _status_with_dead_letters(client, args.job), "print_status")
 
 
 def cmd_jobs(args) -> int:

@@ -46,6 +46,12 @@ class Job:
             doc["progress"] = self._jobs.get_progress(self.id) or {}
         return doc
 
+    def dead_letters(self, limit: int = 5) -> list[dict]:
+        """The first failed records / unreadable inputs (file, offset, error, record), read from
+        the output directory (so: where it is reachable from here)."""
+        from mesh.outputs import first_dead_letters
+        return first_dead_letters(self._jobs.get_spec(self.id).out, limit)
+
     def wait(self, timeout_s: float | None = None, *,
              progress: Callable[[dict], None] | None = None) -> dict:
         """Block until the job ends; return its final status. `progress` gets the progress

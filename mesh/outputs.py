@@ -140,6 +140,22 @@ def chunk_starts(path: str | os.PathLike, file_index: int) -> list[int]:
     return sorted(starts)
 
 
+def first_dead_letters(path: str | os.PathLike, limit: int = 5) -> list[dict]:
+    """The first dead letters of an output directory (input order), from unreadable input and
+    from failed records; [] when the directory is not readable here."""
+    entries: list[dict] = []
+    try:
+        files = sorted([*list_parts(path, "unreadable"), *list_parts(path, "dead")], key=lambda p: p.name.split("-", 1)[1])
+        for part in files:
+            for line in part.read_bytes().splitlines():
+                entries.append(orjson.loads(line))
+                if len(entries) >= limit:
+                    return entries
+    except (OSError, orjson.JSONDecodeError):
+        pass
+    return entries
+
+
 def read_inputs(path: str | os.PathLike) -> tuple[str, list[str]]:
     """(job id, input files) an output directory is bound to."""
     try:

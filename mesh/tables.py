@@ -54,8 +54,11 @@ def print_status(status: dict) -> None:
                 "in_flight_chunks", "seconds"):
         if key in counters:
             table.add_row(key.replace("_", " "), f"{counters[key]:,}")
+    for dead in status.get("dead_letters") or []:
+        table.add_row("dead letter", f"{dead.get('file')} at offset {dead.get('offset')}: {dead.get('error')}")
     if counters.get("failed_records"):
-        table.add_row("dead letters", "see dead-*.jsonl in the output directory")
+        table.add_row("dead letters", f"{counters['failed_records']:,} records; all of them in dead-*.jsonl "
+                                      "and unreadable-*.jsonl in the output directory")
     _console().print(table)
 
 

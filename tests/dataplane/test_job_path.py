@@ -204,3 +204,43 @@ def test_progress_callback_sees_counters_grow(mesh, access_log_records, tmp_path
     assert final["state"] == "done"
     assert seen == sorted(seen) and seen[-1] == path.stat().st_size
     assert len(set(seen)) >= 3, "intermediate progress was reported"
+
+
+def test_invalid_utf8_is_a_dead_letter_for_json_tasks_and_data_for_identity(mesh, tmp_path):
+    import subprocess
+    import sys
+    path = tmp_path / "mixed.jsonl"
+    bad = b'{"status": 500, "url": "/\xff\xfe"}'
+    path.write_bytes(b'{"status": 404}\n' + bad + b'\n{"status": 200}\n')
+    _, status = run(mesh, [str(path)], "jsonl", {"where": "status>=400"}, tmp_path / "json")
+    assert status["state"] == "done" and status["summary"]["failed_records"] == 1
+    assert b"".join(iter_output(tmp_path / "json")) == b'{"status": 404}\n'
+    _, status = run(mesh, [str(path)], "identity", {}, tmp_path / "raw")
+    assert b"".join(iter_output(tmp_path / "raw")) == path.read_bytes()  # bytes in, same bytes out
+    job_id = mesh.client.list_jobs()[-2]["id"]
+    command = [sys.executable, "-m", "mesh", "status", job_id, "--coordinator", f"embedded://{mesh.state_dir}"]
+    doc = orjson.loads(subprocess.run([*command, "--json"], capture_output=True, timeout=60, check=True).stdout)
+    [dead] = doc["dead_letters"]
+    assert dead["file"] == str(path) and dead["offset"] == 16 and "JSONDecodeError" in dead["error"]
+    text = subprocess.run(command, capture_output=True, timeout=60, check=True,
+                          env={**os.environ, "COLUMNS": "400"}).stdout.decode()
+    assert f"{path} at offset 16: JSONDecodeError" in text and "1 records" in text
+
+
+def test_an_output_directory_that_breaks_mid_job_fails_the_job_clearly(mesh, access_log_records, tmp_path):
+    import shutil
+    import time
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(access_log_records * 2)
+    out = tmp_path / "out"
+    job = mesh.client.submit([str(path)], "sample_tasks:slow", {"delay_s": 0.05}, out=str(out), chunk_size=CHUNK)
+    deadline = time.monotonic() + 30
+    while len(list_parts(out) if out.exists() else []) < 2:
+        assert time.monotonic() < deadline, "no part was written"
+        time.sleep(0.01)
+    shutil.rmtree(out)
+    out.write_bytes(b"not a directory any more")
+    status = job.wait(timeout_s=60)
+    assert status["state"] == "failed"
+    assert f"cannot write" in status["reason"] and str(out) in status["reason"]
+    assert mesh.daemon.dispatcher.statistics().workers == 2  # the daemon and its workers stay up
