@@ -101,6 +101,10 @@ class Daemon:
                       workers=self.pool.statistics().workers, cores=available_cores(),
                       config_version=self.config_version, config_source=self.config_source)
 
+    def _lease_ttl_s(self) -> float:
+        return self.lease.ttl_s if self.lease is not None else _pick(self.cfg.lease_ttl_s,
+                                                                      self.node_config.config.lease_ttl_s)
+
     def _register(self) -> None:
         self.lease = self.store.grant_lease(_pick(self.cfg.lease_ttl_s, self.node_config.config.lease_ttl_s))
         self._write_node_record()
@@ -182,7 +186,8 @@ class Daemon:
             except StoreError as exc:  # the data plane goes on; retry with backoff (the watch
                 self.log.warning("store_error", error=str(exc), retry_in_s=backoff_s)  # resumes itself)
                 self._stop.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                # capped well below the lease: a daemon must notice etcd's return before its lease ends
+                backoff_s = min(backoff_s * 2, max(0.1, self._lease_ttl_s() / 4))
             except Exception:  # one bad iteration never kills the loop
                 self.log.exception("control_iteration_failed")
                 self._stop.wait(0.5)

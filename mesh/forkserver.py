@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 
-PRELOAD = ["mesh.worker"]
+PRELOAD = ["mesh.forkserver_child"]  # imports mesh.worker; see that module for why
 
 
 def forkserver_context():
@@ -20,6 +20,7 @@ def forkserver_context():
 
 
 def start_forkserver() -> None:
-    """Make sure the forkserver runs (idempotent; returns before the preload finishes)."""
+    """Make sure the forkserver runs (idempotent; returns before the preload finishes). Call it
+    from the main thread: the forkserver dies with the thread that started it."""
     forkserver_context()
     multiprocessing.forkserver.ensure_running()

@@ -324,7 +324,7 @@ class Owner:
         self._last_commit = time.monotonic()
 
     def _until_stored(self, write, what: str):
-        """Run a store write until it succeeds (backoff up to 5 s), NotOwner is raised, or the
+        """Run a store write until it succeeds (backoff up to 1 s), NotOwner is raised, or the
         owner is told to step down (then StoreError propagates)."""
         backoff_s = 0.1
         while True:
@@ -336,7 +336,7 @@ class Owner:
                 if self.stepping_down.wait(backoff_s):
                     raise
                 self.log.warning("store_write_failed_will_retry", what=what, error=str(exc), retry_in_s=backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                backoff_s = min(backoff_s * 2, 1.0)  # soon after the store is back, and far below a lease
 
     def _finish(self, state: str, reason: str) -> None:
         """End the job. For `done`, first a fenced commit: a zombie owner (its lease expired while

@@ -55,7 +55,7 @@ def node_of(identity: bytes) -> str:
     return identity.decode(errors="replace").rsplit("/", 2)[0]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask the kernel to SIGKILL us when our parent dies, so no worker outlives its meshd."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -213,7 +213,7 @@ class Worker:
 
 def worker_main(cfg: WorkerConfig, busy_since=None) -> None:
     """Entry point of a worker process (multiprocessing target)."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
