@@ -11,6 +11,7 @@ from pathlib import Path
 
 from etcd_server import EtcdServer
 from mesh import Client
+from waiting import wait_until
 
 
 class Cluster:
@@ -37,22 +38,17 @@ class Cluster:
 
     def wait_nodes(self, want: set[str], timeout_s: float) -> float:
         """Poll the registry until it lists exactly `want`; return the seconds it took."""
-        started = time.monotonic()
-        while (seen := self.node_ids()) != want:
+        def listed() -> bool:
             for node, proc in self.daemons.items():
                 if node in want and proc.poll() is not None:
                     raise AssertionError(f"meshd {node} exited {proc.returncode}: {self.log(node)[-2000:]}")
-            if time.monotonic() - started > timeout_s:
-                raise TimeoutError(f"registry lists {sorted(seen)}, want {sorted(want)} after {timeout_s}s")
-            time.sleep(0.05)
-        return time.monotonic() - started
+            return self.node_ids() == want
+        return self.wait_for(listed, timeout_s, f"the registry listing exactly {sorted(want)}")
 
     def wait_for(self, predicate, timeout_s: float, what: str) -> float:
+        """Wait until `predicate()` holds; return the seconds it took."""
         started = time.monotonic()
-        while not predicate():
-            if time.monotonic() - started > timeout_s:
-                raise TimeoutError(f"{what} did not happen within {timeout_s}s")
-            time.sleep(0.05)
+        wait_until(predicate, timeout_s, what, poll_s=0.05)
         return time.monotonic() - started
 
     def meshctl(self, *args: str) -> subprocess.CompletedProcess:

@@ -5,12 +5,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import orjson
 import pytest
 
 from reference import reference_run
+from waiting import wait_until
 
 MESHCTL = [sys.executable, "-m", "mesh"]
 
@@ -75,14 +75,11 @@ def mesh_up(tmp_path):
     daemon_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(sys.path)}  # sample_tasks
     proc = subprocess.Popen([*MESHCTL, "up", "--workers", "2"], env=daemon_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while True:
-        nodes = orjson.loads(meshctl("nodes", "--json", env=env, check_rc=0).stdout)
-        if nodes and nodes[0]["workers_alive"] == 2:
-            break
+    def registered():
         assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "meshctl up did not register within 60 s"
-        time.sleep(0.05)
+        nodes = orjson.loads(meshctl("nodes", "--json", env=env, check_rc=0).stdout)
+        return nodes if nodes and nodes[0]["workers_alive"] == 2 else None
+    nodes = wait_until(registered, 60, "meshctl up registering with 2 workers", poll_s=0.05)
     yield env, proc, nodes[0]
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -97,10 +94,9 @@ def test_up_submit_status_jobs_cancel_nodes(mesh_up, edge_corpus, tmp_path):
     waited = meshctl("submit", *edge_corpus[:3], "--task", "grep", "--param", "pattern=GET", "--out", tmp_path / "b",
                      "--wait", "--json", env=env, check_rc=0)
     assert orjson.loads(waited.stdout)["state"] == "done"
-    deadline = time.monotonic() + 60
-    while orjson.loads(meshctl("status", job_id, "--json", env=env, check_rc=0).stdout)["state"] != "done":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    def state_of(job: str) -> str:
+        return orjson.loads(meshctl("status", job, "--json", env=env, check_rc=0).stdout)["state"]
+    wait_until(lambda: state_of(job_id) == "done", 60, f"job {job_id} done", poll_s=0.05)
     status = orjson.loads(meshctl("status", job_id, "--json", env=env, check_rc=0).stdout)
     assert status["summary"]["records_in"] == len(reference_run(edge_corpus[:3], "identity", {})[0])
     jobs = orjson.loads(meshctl("jobs", "--json", env=env, check_rc=0).stdout)
@@ -111,11 +107,8 @@ def test_up_submit_status_jobs_cancel_nodes(mesh_up, edge_corpus, tmp_path):
     slow = meshctl("submit", *edge_corpus, "--task", "sample_tasks:slow", "--param", "delay_s=0.2",
                    "--chunk-size", "64K", "--out", tmp_path / "c", env=env, check_rc=0).stdout.decode().strip()
     meshctl("cancel", slow, env=env, check_rc=0)
-    deadline = time.monotonic() + 60
-    while (state := orjson.loads(meshctl("status", slow, "--json", env=env, check_rc=0).stdout)["state"]) not in (
-            "cancelled", "done", "failed"):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    state = wait_until(lambda: (s := state_of(slow)) in ("cancelled", "done", "failed") and s, 60,
+                       f"job {slow} ending", poll_s=0.05)
     assert state == "cancelled"
     daemon.send_signal(signal.SIGTERM)
     assert daemon.wait(30) == 0

@@ -16,16 +16,9 @@ from mesh.codecs.frames import Kind, Segment
 from mesh.outputs import iter_output, list_parts
 from mesh.pool import available_cores
 from mesh.testing import running_mesh
+from waiting import wait_until
 
 CHUNK = 64 * 1024
-
-
-def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.01):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout_s}s")
-        time.sleep(poll_s)
 
 
 def big_input(tmp_path, records: bytes, copies: int):

@@ -229,18 +229,16 @@ def test_invalid_utf8_is_a_dead_letter_for_json_tasks_and_data_for_identity(mesh
 
 def test_an_output_directory_that_breaks_mid_job_fails_the_job_clearly(mesh, access_log_records, tmp_path):
     import shutil
-    import time
+
+    from waiting import wait_until
     path = tmp_path / "in.jsonl"
     path.write_bytes(access_log_records * 2)
     out = tmp_path / "out"
     job = mesh.client.submit([str(path)], "sample_tasks:slow", {"delay_s": 0.05}, out=str(out), chunk_size=CHUNK)
-    deadline = time.monotonic() + 30
-    while len(list_parts(out) if out.exists() else []) < 2:
-        assert time.monotonic() < deadline, "no part was written"
-        time.sleep(0.01)
+    wait_until(lambda: out.exists() and len(list_parts(out)) >= 2, 30, "two parts written")
     shutil.rmtree(out)
     out.write_bytes(b"not a directory any more")
     status = job.wait(timeout_s=60)
     assert status["state"] == "failed"
-    assert f"cannot write" in status["reason"] and str(out) in status["reason"]
+    assert "cannot write" in status["reason"] and str(out) in status["reason"]
     assert mesh.daemon.dispatcher.statistics().workers == 2  # the daemon and its workers stay up

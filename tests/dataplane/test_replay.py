@@ -5,13 +5,13 @@ import gzip
 import os
 import subprocess
 import sys
-import time
 
 import orjson
 import pytest
 
 from mesh.errors import InvalidSpec, StoreError
 from mesh.outputs import iter_output
+from waiting import wait_until
 
 CHUNK = 64 * 1024
 
@@ -82,10 +82,7 @@ def test_replay_is_refused_for_a_running_job_and_an_unknown_file(mesh, inputs, t
     version.write_bytes(b"v1")
     job = mesh.client.submit(inputs[:1], "sample_tasks:slow", {"delay_s": 0.3}, out=str(tmp_path / "out"),
                              chunk_size=CHUNK)
-    deadline = time.monotonic() + 30
-    while not (tmp_path / "out" / "_inputs.json").exists():  # running: its output is bound to it
-        assert time.monotonic() < deadline, "the job did not start"
-        time.sleep(0.01)
+    wait_until((tmp_path / "out" / "_inputs.json").exists, 30, "the job starting (its output bound to it)")
     with pytest.raises(StoreError, match="only a finished job"):
         job.replay()
     job.cancel()
