@@ -16,7 +16,7 @@ import orjson
 from mesh.codecs.compression import CODEC_NAMES
 from mesh.coordinator.connect import describe
 from mesh.coordinator.errors import ConfigConflict, ConfigVersionNotFound, InvalidConfig
-from mesh.errors import CodecError, InvalidSpec, JobNotFound, MeshBusy, MeshError, StoreUnavailable
+from mesh.errors import CodecError, InvalidSpec, JobNotFound, MeshBusy, MeshError, NodeNotFound, StoreUnavailable
 
 EXIT_OK = 0            # the command did what was asked (a job ended `done`)
 EXIT_JOB_FAILED = 1    # the job ended failed or cancelled; the reason is printed
@@ -221,6 +221,18 @@ def cmd_replay(args) -> int:
         return _wait_with_progress(job, args)
 
 
+def cmd_drain(args) -> int:
+    from mesh.client import Client
+    with Client(args.coordinator) as client:
+        if args.undo:
+            client.undrain(args.node)
+        else:
+            client.drain(args.node)
+    print(f"{'undrain' if args.undo else 'drain'} requested for {args.node}; `meshctl nodes` shows its state",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_nodes(args) -> int:
     return _show(args, lambda client: client.nodes(), "print_nodes")
 
@@ -280,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
     p.set_defaults(func=cmd_replay)
+    for name, undo, text in (("drain", False, "a node takes no new chunks or jobs; its jobs move to others"),
+                             ("undrain", True, "a drained node takes work again")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("node")
+        p.set_defaults(func=cmd_drain, undo=undo)
     sub.add_parser("jobs", parents=[common], help="list jobs").set_defaults(func=cmd_jobs)
     sub.add_parser("nodes", parents=[common], help="list daemons").set_defaults(func=cmd_nodes)
 
@@ -305,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_USAGE, f"invalid job: {exc}")
     except ConfigConflict as exc:
         return _fail(EXIT_CONFLICT, str(exc))
-    except (JobNotFound, ConfigVersionNotFound) as exc:
+    except (JobNotFound, NodeNotFound, ConfigVersionNotFound) as exc:
         return _fail(EXIT_NOT_FOUND, str(exc))
     except MeshBusy as exc:
         return _fail(EXIT_BUSY, str(exc))

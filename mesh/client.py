@@ -20,7 +20,7 @@ from mesh.coordinator.connect import open_store
 from mesh.coordinator.errors import MeshBusy
 from mesh.coordinator.jobs import TERMINAL_STATES, JobSpec, JobStore
 from mesh.coordinator.store import Store
-from mesh.errors import JobFailed, StoreUnavailable
+from mesh.errors import JobFailed, NodeNotFound, StoreUnavailable
 
 POLL_S = 0.1          # steady-state poll of a job's state
 FIRST_POLL_S = 0.005  # short jobs finish in tens of ms: start fast, back off to POLL_S
@@ -160,6 +160,17 @@ class Client:
 
     def list_jobs(self) -> list[dict]:
         return self.jobs.list_jobs()
+
+    def drain(self, node_id: str) -> None:
+        """Ask a node to drain: it takes no new chunks or jobs, finishes what its workers hold and
+        hands its jobs to others. It stays up (`undrain` brings it back)."""
+        import orjson
+        if node_id not in {n["id"] for n in self.nodes()}:
+            raise NodeNotFound(node_id)
+        self.store.put(f"{self.jobs.prefix}drain/{node_id}", orjson.dumps({"requested_at": time.time()}))
+
+    def undrain(self, node_id: str) -> None:
+        self.store.delete(f"{self.jobs.prefix}drain/{node_id}")
 
     def nodes(self) -> list[dict]:
         import orjson

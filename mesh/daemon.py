@@ -10,7 +10,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import orjson
@@ -79,6 +79,8 @@ class Daemon:
         self._rescan = threading.Event()
         self._record_dirty = threading.Event()  # our node record must be rewritten soon
         self.nodes: dict[str, dict] = {}  # node id -> its record, as last seen
+        self.draining = False  # no new jobs or chunks here; owned jobs handed back
+        self.drain_key = f"{cfg.prefix}drain/{self.node_id}"
         self._owners_lock = threading.Lock()
         self._thread = threading.Thread(target=self._control_loop, name="control", daemon=True)
         self.node_key = f"{cfg.prefix}nodes/{self.node_id}"
@@ -119,9 +121,15 @@ class Daemon:
                                    f"within {timeout_s}s; see the daemon log")
             time.sleep(0.01)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop: owners step down (their jobs resume later from committed offsets), the lease is
-        revoked (node record and owner keys vanish at once), workers and sockets closed."""
+    def stop(self, timeout_s: float = 10.0, *, drain_timeout_s: float = 0.0) -> None:
+        """Stop. With `drain_timeout_s`, first drain (SIGTERM): take no new chunks, let owned jobs'
+        chunks in flight finish and hand the jobs back after a commit, let our workers finish what
+        they hold; all within the bound. Then the lease is revoked (node record and owner keys
+        vanish at once: others take over without waiting for a TTL), workers and sockets closed."""
+        if drain_timeout_s > 0:
+            deadline = time.monotonic() + drain_timeout_s
+            self.drain(deadline)
+            self._wait_drained(deadline)
         self._stop.set()
         with self._owners_lock:
             owners = list(self.owners.values())
@@ -140,6 +148,48 @@ class Daemon:
         self.dispatcher.stop()
         self.ctx.term()
         self.log.info("daemon_stopped")
+
+    def apply_local(self, overrides: dict) -> None:
+        """New local overrides (SIGHUP): log what changed and apply it."""
+        changed = {k: v for k, v in overrides.items() if getattr(self.cfg, k) != v}
+        self.log.info("local_config_reloaded", changed=changed)
+        self.cfg = replace(self.cfg, **overrides)
+        config = self.node_config.config
+        if "workers" in changed:
+            self.pool.resize(_pick(self.cfg.workers, config.workers_per_node))
+        if "log_level" in changed:
+            configure_logging(_pick(self.cfg.log_level, config.log_level))
+        self._record_dirty.set()
+
+    def drain(self, deadline: float | None = None) -> None:
+        """Take no new jobs or chunks; hand owned jobs back once their chunks in flight are done
+        (or at the monotonic `deadline`)."""
+        deadline = deadline if deadline is not None else time.monotonic() + 3600
+        self.draining = True
+        self._record_dirty.set()
+        self._update_peers()
+        with self._owners_lock:
+            owners = list(self.owners.values())
+        for owner in owners:
+            owner.drain(deadline)
+        self.log.info("draining", owned_jobs=len(owners))
+
+    def undrain(self) -> None:
+        self.draining = False
+        self._record_dirty.set()
+        self._update_peers()
+        self._rescan.set()
+        self.log.info("undrained")
+
+    def _wait_drained(self, deadline: float) -> None:
+        """Until owned jobs are handed back and our workers hold nothing, or the deadline."""
+        while time.monotonic() < deadline:
+            with self._owners_lock:
+                owning = bool(self.owners)
+            if not owning and self.pool.busy_workers() == 0 and self.dispatcher.statistics().in_flight_chunks == 0:
+                return
+            time.sleep(0.05)  # poll interval of a bounded drain
+        self.log.warning("drain_bound_reached", owned_jobs=len(self.owners), busy_workers=self.pool.busy_workers())
 
     def __enter__(self) -> "Daemon":
         self.start()
@@ -164,6 +214,8 @@ class Daemon:
                     watch = self.store.watch(self.cfg.prefix, start_revision=revision + 1)
                     self._load_nodes()
                     self._apply_config(self.node_config.refresh())
+                    if self.store.get(self.drain_key) is not None and not self.draining:
+                        self.drain()
                     self._rescan.set()
                 if self._rescan.is_set():
                     self._rescan.clear()
@@ -202,6 +254,11 @@ class Daemon:
                 self._rescan.set()
         elif kind == "nodes":
             self._on_node_event(event, rest)
+        elif event.kv.key == self.drain_key:
+            if event.type == "put" and not self.draining:
+                self.drain()
+            elif event.type == "delete" and self.draining and not self._stop.is_set():
+                self.undrain()
         elif event.kv.key.startswith(self.node_config.key_prefix):
             self._apply_config(self.node_config.on_event(event))
 
@@ -267,12 +324,17 @@ class Daemon:
             self.dispatcher.node_lost(node_id)
 
     def _update_peers(self) -> None:
-        """Our workers serve every remote daemon that owns running jobs (peer to peer)."""
+        """Our workers serve every remote daemon that owns running jobs (peer to peer); nobody's
+        dispatcher gives chunks to the workers of a draining node."""
         peers = sorted(r["endpoint"] for n, r in self.nodes.items()
                        if n != self.node_id and r.get("jobs") and isinstance(r.get("endpoint"), str))
         self.dispatcher.set_peers(peers)
+        draining = {n for n, r in self.nodes.items() if n != self.node_id and r.get("state") == "draining"}
+        self.dispatcher.set_draining(draining | ({self.node_id} if self.draining else set()))
 
     def _scan_claimable(self) -> None:
+        if self.draining:
+            return
         for job in self.jobs.list_jobs():
             if job["state"] in ("pending", "running") and job["id"] not in self.owners:
                 if not self._try_claim(job["id"]):
@@ -282,7 +344,7 @@ class Daemon:
         """Claim `job_id` if we have room; return False when we are full."""
         config = self.node_config.config
         with self._owners_lock:
-            if len(self.owners) >= _pick(self.cfg.max_jobs, config.max_jobs_per_node):
+            if self.draining or len(self.owners) >= _pick(self.cfg.max_jobs, config.max_jobs_per_node):
                 return False
         epoch = self.jobs.claim(job_id, self.node_id, self.lease.id)
         if epoch is None:
@@ -329,7 +391,7 @@ class Daemon:
             "id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
             "endpoint": self.dispatcher.endpoint, "cores": pool.cores, "workers": pool.workers,
             "workers_alive": pool.alive, "worker_restarts": pool.restarts, "version": __version__,
-            "state": "ready", "config_version": self.config_version, "jobs": jobs,
+            "state": "draining" if self.draining else "ready", "config_version": self.config_version, "jobs": jobs,
             "load": {"cpu_percent": psutil.cpu_percent(interval=None), "memory_mb": self._tree_rss_mb(),
                      "in_flight_chunks": stats.in_flight_chunks, "chunks_done": stats.results},
             "in_flight_chunks": stats.in_flight_chunks, "bad_frames": stats.bad_frames, "updated_at": time.time(),

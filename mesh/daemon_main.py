@@ -1,7 +1,8 @@
 """`meshd`: run one daemon in the foreground (systemd runs it as a service).
 
-Signal handlers only set a flag; the main thread acts on it: the first SIGTERM/SIGINT stops
-gracefully (owners step down, lease revoked, workers stopped), a second exits at once.
+Signal handlers only set flags; the main thread acts on them: the first SIGTERM/SIGINT drains
+(no new chunks, owned jobs handed back after a commit, workers finish what they hold; bounded
+by --drain-timeout) and exits 0; a second exits at once. SIGHUP re-reads the local config file.
 """
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import signal
 import sys
 import threading
 
-EXIT_OK = 0
-EXIT_UNAVAILABLE = 3
-EXIT_CONFIG = 2
+EXIT_OK = 0           # stopped cleanly (drained)
+EXIT_FORCED = 1       # a second SIGTERM/SIGINT: stopped at once (output stays consistent)
+EXIT_CONFIG = 2       # bad arguments or config file
+EXIT_UNAVAILABLE = 3  # the coordinator could not be opened
 
 
 def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: str | None = None,
-               log_level: str | None = None, lease_ttl_s: float | None = None, state_dir: str | None = None) -> int:
+               log_level: str | None = None, lease_ttl_s: float | None = None, state_dir: str | None = None,
+               drain_timeout_s: float = 30.0, config_file: str | None = None) -> int:
     from mesh.forkserver import start_forkserver
     start_forkserver()  # its preload overlaps the imports below
 
@@ -35,28 +38,70 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
     except StoreError as exc:
         print(f"meshd: cannot open the coordinator {describe(coordinator)}: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    flags = {"signals": 0, "reload": False}
     stop = threading.Event()
-    signals = {"count": 0}
 
-    def on_signal(signum, frame):
-        signals["count"] += 1
-        if signals["count"] > 1:
-            os._exit(1)  # second signal: exit now; output stays consistent (atomic parts, fenced commits)
+    def on_term(signum, frame):  # handlers only set flags; the main loop acts
+        flags["signals"] += 1
+        if flags["signals"] > 1:
+            os._exit(EXIT_FORCED)  # second signal: exit now; output stays consistent (atomic parts, fenced commits)
         stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    daemon = Daemon(store, DaemonConfig(workers=workers, node_id=node_id or "", log_level=log_level,
-                                        lease_ttl_s=lease_ttl_s, state_dir=state_dir))
+    def on_hup(signum, frame):
+        flags["reload"] = True
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    overrides = read_local_config(config_file) if config_file else {}
+    daemon = Daemon(store, DaemonConfig(**{"workers": workers, "node_id": node_id or "", "log_level": log_level,
+                                           "lease_ttl_s": lease_ttl_s, "state_dir": state_dir, **overrides}))
     daemon.start()
     log.info("meshd_ready", node=daemon.node_id, coordinator=describe(coordinator),
              endpoint=daemon.dispatcher.endpoint)
-    while not stop.wait(1.0):
-        pass
-    log.info("meshd_stopping", node=daemon.node_id)
-    daemon.stop()
+    while True:
+        stop.wait(1.0)
+        if flags["reload"] and flags["signals"] == 0:
+            flags["reload"] = False
+            stop.clear()
+            if config_file:
+                daemon.apply_local(read_local_config(config_file))
+            continue
+        if stop.is_set():
+            break
+    log.info("meshd_stopping", node=daemon.node_id, drain_timeout_s=drain_timeout_s)
+    daemon.stop(drain_timeout_s=drain_timeout_s)
     store.close()
     return EXIT_OK
+
+
+LOCAL_KEYS = {"workers": int, "log_level": str}
+
+
+def read_local_config(path: str) -> dict:
+    """The local config file (KEY=VALUE lines, # comments): this node's overrides of the cluster
+    config. Re-read on SIGHUP. Unknown keys or bad values are refused with the line number."""
+    overrides, problems = {}, []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as exc:
+        raise SystemExit(f"meshd: cannot read the config file {path}: {exc.strerror}")
+    for number, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = (part.strip() for part in line.partition("="))
+        if not sep or key not in LOCAL_KEYS:
+            problems.append(f"{path}:{number}: expected KEY=VALUE with KEY one of {sorted(LOCAL_KEYS)} (got {line!r})")
+            continue
+        try:
+            overrides[key] = LOCAL_KEYS[key](value)
+        except ValueError:
+            problems.append(f"{path}:{number}: {key} must be {LOCAL_KEYS[key].__name__} (got {value!r})")
+    if problems:
+        raise SystemExit("meshd: " + "; ".join(problems))
+    return overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-ttl", type=float, default=None, metavar="SECONDS",
                    help="this node's lease (default: the cluster config's lease_ttl_s): a dead node is "
                         "noticed, and its chunks re-sent, this long after")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, drain for at most this long before exiting (default 30)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="local overrides (KEY=VALUE: workers, log_level), re-read on SIGHUP")
     p.add_argument("--state-dir", default=None,
                    help="where this node caches the cluster config (default: $MESH_STATE_DIR/nodes/NODE_ID)")
     return p
@@ -80,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_daemon(args.coordinator, workers=args.workers, node_id=args.node_id, log_level=args.log_level,
-                      lease_ttl_s=args.lease_ttl, state_dir=args.state_dir)
+                      lease_ttl_s=args.lease_ttl, state_dir=args.state_dir, drain_timeout_s=args.drain_timeout,
+                      config_file=args.config)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,7 @@ class Dispatcher:
         self.workers: dict[bytes, WorkerLink] = {}
         self.retry: deque[Assignment] = deque()
         self.peers: list[str] = []
+        self.draining: frozenset[str] = frozenset()
         self._stats = DispatcherStatistics(0, 0, 0, 0, 0, 0, 0, 0)
         self.log = structlog.get_logger("mesh.dispatcher").bind(node=node_id)
 
@@ -131,6 +132,10 @@ class Dispatcher:
     def node_lost(self, node_id: str) -> None:
         """A node's lease expired: every chunk its workers hold here is re-sent."""
         self._command(("node_lost", node_id))
+
+    def set_draining(self, nodes: set[str]) -> None:
+        """Nodes being drained: their workers keep what they hold but get no new chunks."""
+        self._command(("set_draining", frozenset(nodes)))
 
     def set_peers(self, endpoints: list[str]) -> None:
         """The dispatchers of remote owners; our workers serve them too (peer to peer)."""
@@ -214,6 +219,8 @@ class Dispatcher:
             elif name == "node_lost":
                 for identity in [i for i, link in self.workers.items() if link.node == arg]:
                     self._lose_worker(identity)
+            elif name == "set_draining":
+                self.draining = arg
             elif name == "set_peers" and arg != self.peers:
                 self.peers = arg
                 for link in self.workers.values():
@@ -221,7 +228,7 @@ class Dispatcher:
                         self._send_peers(link.identity)
 
     def _free_credits(self) -> int:
-        return sum(link.credits for link in self.workers.values())
+        return sum(link.credits for link in self.workers.values() if link.node not in self.draining)
 
     def _receive_from_workers(self) -> None:
         for _ in range(MAX_RECV_BATCH):
@@ -328,7 +335,7 @@ class Dispatcher:
     def _pick_worker(self) -> WorkerLink | None:
         best = None
         for link in self.workers.values():
-            if link.credits > 0 and (best is None or link.credits > best.credits):
+            if link.credits > 0 and link.node not in self.draining and (best is None or link.credits > best.credits):
                 best = link
         return best
 

@@ -9,6 +9,7 @@
     │   └── InvalidConfig           a cluster config breaks a rule (all problems listed)
     ├── ConfigVersionNotFound       rollback to a version that history no longer holds
     ├── JobNotFound(job_id)
+    ├── NodeNotFound(node_id)       no daemon of that id is registered
     ├── MeshBusy(pending, limit)    backpressure: too many pending jobs; wait or raise the limit
     ├── TaskError(task)             a task cannot be loaded (unknown name, import failure)
     ├── InputError(path)            an input cannot be listed or read
@@ -48,7 +49,7 @@ from mesh.coordinator.errors import (
 
 __all__ = [
     "CodecError", "Compacted", "ConfigConflict", "ConfigVersionNotFound", "InvalidConfig", "FrameError", "InputError", "InvalidSpec", "JobFailed",
-    "JobNotFound", "LeaseNotFound", "MeshBusy", "MeshError", "NotOwner", "OutputError",
+    "JobNotFound", "LeaseNotFound", "NodeNotFound", "MeshBusy", "MeshError", "NotOwner", "OutputError",
     "Shutdown", "StoreAuthError", "StoreError", "StoreUnavailable", "TaskError",
 ]
 
@@ -86,6 +87,12 @@ class JobFailed(MeshError):
         self.job_id = job_id
         self.state = state
         self.reason = reason
+
+
+class NodeNotFound(MeshError):
+    def __init__(self, node_id: str):
+        super().__init__(f"no node {node_id!r} is registered (see `meshctl nodes`)")
+        self.node_id = node_id
 
 
 class Shutdown(BaseException):

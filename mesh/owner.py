@@ -64,6 +64,7 @@ class Owner:
         self.stop_source = threading.Event()
         self.stepping_down = threading.Event()
         self.replay: dict | None = None
+        self.drain_deadline: float | None = None  # set when draining: hand the job back by then
         self._commit_failing_since: float | None = None
         self.plan = Plan()
         self.planned: dict[int, PlannedChunk] = {}
@@ -89,6 +90,12 @@ class Owner:
         may resume the job from its committed offsets."""
         self.stepping_down.set()
         self.inbox.put(("step_down", None))
+
+    def drain(self, deadline: float) -> None:
+        """Plan no more chunks, let the ones sent finish (until the monotonic `deadline`), commit,
+        then hand the job back (pending, unowned) so another daemon resumes it at once."""
+        self.stop_source.set()
+        self.inbox.put(("drain", deadline))
 
     def join(self, timeout_s: float | None = None) -> None:
         self._thread.join(timeout_s)
@@ -173,7 +180,9 @@ class Owner:
                 header, payload = frames.encode(Kind.CHUNK, job_id=self.job_id, epoch=self.epoch,
                                                 chunk_id=chunk_id, payload=item.payload, codec=codec,
                                                 segments=item.segments, record_count=item.records)
-                self._push(sock, [header, payload])
+                if not self._push(sock, [header, payload]):
+                    self.inbox.put(("unplanned", chunk_id))  # stopped before it was sent
+                    return
             self.inbox.put(("planned_all", chunk_id))
         except Exception as exc:
             self.log.exception("source_failed")
@@ -181,11 +190,13 @@ class Owner:
         finally:
             sock.close(0)
 
-    def _push(self, sock, parts) -> None:
+    def _push(self, sock, parts) -> bool:
+        """Send, blocking while the dispatcher is full (backpressure); False if told to stop first."""
         while not self.stop_source.is_set():
             if sock.poll(SEND_POLL_MS, zmq.POLLOUT):
                 protocol.send(sock, parts)
-                return
+                return True
+        return False
 
     def _loop(self) -> None:
         while True:
@@ -199,6 +210,9 @@ class Owner:
             if kind == "step_down":
                 self.log.info("owner_step_down")
                 return
+            if kind == "drain":
+                self.drain_deadline = arg
+                self.log.info("owner_draining", in_flight=len(self.planned))
             if kind == "source_failed":
                 self._finish("failed", arg)
                 return
@@ -217,6 +231,9 @@ class Owner:
                 self._commit()
                 self._finish("done", "")
                 return
+            if self.drain_deadline is not None and (not self.planned or time.monotonic() >= self.drain_deadline):
+                self._hand_back()
+                return
             if (self._since_commit >= self.settings.commit_every_chunks
                     or time.monotonic() - self._last_commit >= self.settings.commit_interval_s):
                 self._commit()
@@ -228,6 +245,9 @@ class Owner:
             self.plan.chunks_planned += 1
         elif kind == "planned_all":
             self.plan.planning_done = True
+        elif kind == "unplanned":
+            if self.planned.pop(arg, None) is not None:
+                self.plan.chunks_planned -= 1
         elif kind == "input_failure":
             self._dead_letters(arg.file_index, arg.offset, [{"file_index": arg.file_index, "offset": arg.offset,
                                                               "error": arg.error, "record": ""}], kind="unreadable")
@@ -322,6 +342,15 @@ class Owner:
                 self._commit_failing_since = None
         self._since_commit = 0
         self._last_commit = time.monotonic()
+
+    def _hand_back(self) -> None:
+        """Commit what is durable and release the job (pending, unowned): another daemon claims
+        it at once and resumes from these offsets; chunks still out are redone there."""
+        self._commit()
+        self._until_stored(lambda: self.jobs.set_state(self.job_id, self.epoch, "pending",
+                                                        reason=f"handed back by {self.node_id} (draining)"),
+                           "hand back")
+        self.log.info("owner_handed_back", unfinished=len(self.planned))
 
     def _until_stored(self, write, what: str):
         """Run a store write until it succeeds (backoff up to 1 s), NotOwner is raised, or the

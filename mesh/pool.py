@@ -117,6 +117,11 @@ class WorkerPool:
         with self._lock:
             return [s.process.pid for s in self._slots if s.process is not None and s.process.is_alive()]
 
+    def busy_workers(self) -> int:
+        """Workers processing a chunk right now (their shared busy marker is set)."""
+        with self._lock:
+            return sum(1 for s in self._slots if s.busy_since is not None and s.busy_since.value)
+
     def statistics(self) -> PoolStatistics:
         with self._lock:
             alive = sum(1 for s in self._slots if s.process is not None and s.process.is_alive())
