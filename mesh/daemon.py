@@ -43,6 +43,7 @@ class DaemonConfig:
     log_level: str | None = None
     owner: OwnerSettings | None = None
     bind: str = "tcp://127.0.0.1:*"
+    advertise: str | None = None        # host peers reach our dispatcher at (when bound to a wildcard)
     prefix: str = "chunkmesh/"
     state_dir: str | None = None        # config cache (default: $MESH_STATE_DIR/nodes/<node id>)
 
@@ -55,8 +56,9 @@ def _pick(local, cluster):
 
 
 class Daemon:
-    def __init__(self, store: Store, cfg: DaemonConfig = DaemonConfig()):
+    def __init__(self, store: Store, cfg: DaemonConfig = DaemonConfig(), *, notifier=None):
         self.store = store
+        self.notifier = notifier  # mesh.sdnotify.Notifier under systemd: watchdog + status from the control loop
         self.cfg = cfg
         self.node_id = cfg.resolved_node_id()
         self.jobs = JobStore(store, prefix=cfg.prefix)
@@ -67,7 +69,7 @@ class Daemon:
         config = self.node_config.config
         self.window = _pick(cfg.window, config.window)  # credits each worker announces
         self.ctx = zmq.Context()
-        self.dispatcher = Dispatcher(self.ctx, node_id=self.node_id, bind=cfg.bind)
+        self.dispatcher = Dispatcher(self.ctx, node_id=self.node_id, bind=cfg.bind, advertise=cfg.advertise)
         self.pool = WorkerPool(
             WorkerConfig(node_id=self.node_id, slot=0, core=None, endpoint=self.dispatcher.endpoint,
                          window=self.window, log_level=_pick(cfg.log_level, config.log_level)),
@@ -80,6 +82,8 @@ class Daemon:
         self._record_dirty = threading.Event()  # our node record must be rewritten soon
         self.nodes: dict[str, dict] = {}  # node id -> its record, as last seen
         self.draining = False  # no new jobs or chunks here; owned jobs handed back
+        self._next_watchdog = self._next_status = 0.0
+        self._status_mark = (time.monotonic(), 0)
         self.drain_key = f"{cfg.prefix}drain/{self.node_id}"
         self._owners_lock = threading.Lock()
         self._thread = threading.Thread(target=self._control_loop, name="control", daemon=True)
@@ -230,6 +234,7 @@ class Daemon:
                 if self._record_dirty.is_set():
                     self._record_dirty.clear()
                     self._write_node_record()
+                self._tell_systemd(now)
                 backoff_s = 0.1
             except Compacted:
                 watch = None
@@ -245,6 +250,32 @@ class Daemon:
                 self._stop.wait(0.5)
         if watch is not None:
             watch.cancel()
+
+    @property
+    def registered(self) -> bool:
+        return self.lease is not None
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= and logs: what this node is doing."""
+        stats, pool = self.dispatcher.statistics(), self.pool.statistics()
+        now = time.monotonic()
+        rate = (stats.results - self._status_mark[1]) / max(now - self._status_mark[0], 1e-6)
+        self._status_mark = (now, stats.results)
+        return (f"{'draining' if self.draining else 'ready'}: {len(self.owners)} jobs owned, "
+                f"{pool.alive}/{pool.workers} workers, {stats.in_flight_chunks} chunks in flight, "
+                f"{rate:.1f} chunks/s, config v{self.config_version}")
+
+    def _tell_systemd(self, now: float) -> None:
+        """Called by the control loop, so a hung control loop stops the watchdog pings."""
+        if self.notifier is None or not self.notifier.enabled:
+            return
+        interval = self.notifier.watchdog_interval_s()
+        if interval is not None and now >= self._next_watchdog:
+            self.notifier.watchdog()
+            self._next_watchdog = now + interval
+        if now >= self._next_status:
+            self.notifier.status(self.status_line())
+            self._next_status = now + 5.0
 
     def _on_event(self, event) -> None:
         key = event.kv.key[len(self.cfg.prefix):]

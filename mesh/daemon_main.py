@@ -20,7 +20,11 @@ EXIT_UNAVAILABLE = 3  # the coordinator could not be opened
 
 def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: str | None = None,
                log_level: str | None = None, lease_ttl_s: float | None = None, state_dir: str | None = None,
-               drain_timeout_s: float = 30.0, config_file: str | None = None) -> int:
+               drain_timeout_s: float = 30.0, config_file: str | None = None, bind: str | None = None,
+               advertise: str | None = None) -> int:
+    from mesh.sdnotify import Notifier
+    notifier = Notifier.from_env(unset_environment=True)  # before any child inherits NOTIFY_SOCKET
+
     from mesh.forkserver import start_forkserver
     start_forkserver()  # its preload overlaps the imports below
 
@@ -54,26 +58,46 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, on_hup)
-    overrides = read_local_config(config_file) if config_file else {}
+    try:
+        overrides = read_local_config(config_file) if config_file else {}
+    except LocalConfigError as exc:
+        print(f"meshd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    bind_url = f"tcp://{bind}:*" if bind else "tcp://127.0.0.1:*"
     daemon = Daemon(store, DaemonConfig(**{"workers": workers, "node_id": node_id or "", "log_level": log_level,
-                                           "lease_ttl_s": lease_ttl_s, "state_dir": state_dir, **overrides}))
+                                           "lease_ttl_s": lease_ttl_s, "state_dir": state_dir, "bind": bind_url,
+                                           "advertise": advertise, **overrides}), notifier=notifier)
     daemon.start()
-    log.info("meshd_ready", node=daemon.node_id, coordinator=describe(coordinator),
-             endpoint=daemon.dispatcher.endpoint)
+    ready = False
     while True:
-        stop.wait(1.0)
+        stop.wait(0.1 if not ready else 1.0)
+        if not ready and daemon.registered and daemon.dispatcher.statistics().workers >= daemon.pool.statistics().workers:
+            ready = True  # READY=1 only once registered and every worker is up
+            notifier.ready(status=daemon.status_line())
+            log.info("meshd_ready", node=daemon.node_id, coordinator=describe(coordinator),
+                     endpoint=daemon.dispatcher.endpoint)
         if flags["reload"] and flags["signals"] == 0:
             flags["reload"] = False
             stop.clear()
+            notifier.reloading()
             if config_file:
-                daemon.apply_local(read_local_config(config_file))
+                try:
+                    daemon.apply_local(read_local_config(config_file))
+                except LocalConfigError as exc:  # keep running on the values we have
+                    log.error("local_config_invalid_kept_previous", error=str(exc))
+            notifier.ready(status=daemon.status_line())
             continue
         if stop.is_set():
             break
     log.info("meshd_stopping", node=daemon.node_id, drain_timeout_s=drain_timeout_s)
+    notifier.stopping(status=f"draining (at most {drain_timeout_s:g} s)")
     daemon.stop(drain_timeout_s=drain_timeout_s)
     store.close()
     return EXIT_OK
+
+
+class LocalConfigError(ValueError):
+    """The local config file cannot be read or breaks a rule (every problem listed)."""
 
 
 LOCAL_KEYS = {"workers": int, "log_level": str}
@@ -86,7 +110,7 @@ def read_local_config(path: str) -> dict:
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as exc:
-        raise SystemExit(f"meshd: cannot read the config file {path}: {exc.strerror}")
+        raise LocalConfigError(f"cannot read the config file {path}: {exc.strerror}") from exc
     for number, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -100,7 +124,7 @@ def read_local_config(path: str) -> dict:
         except ValueError:
             problems.append(f"{path}:{number}: {key} must be {LOCAL_KEYS[key].__name__} (got {value!r})")
     if problems:
-        raise SystemExit("meshd: " + "; ".join(problems))
+        raise LocalConfigError("; ".join(problems))
     return overrides
 
 
@@ -117,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-ttl", type=float, default=None, metavar="SECONDS",
                    help="this node's lease (default: the cluster config's lease_ttl_s): a dead node is "
                         "noticed, and its chunks re-sent, this long after")
+    p.add_argument("--bind", default=None, metavar="HOST",
+                   help="address the dispatcher binds (default 127.0.0.1: one host only); e.g. 0.0.0.0 with --advertise")
+    p.add_argument("--advertise", default=None, metavar="HOST",
+                   help="host name or address other nodes reach this one at (needed with a wildcard --bind)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, drain for at most this long before exiting (default 30)")
     p.add_argument("--config", default=None, metavar="FILE",
@@ -130,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_daemon(args.coordinator, workers=args.workers, node_id=args.node_id, log_level=args.log_level,
                       lease_ttl_s=args.lease_ttl, state_dir=args.state_dir, drain_timeout_s=args.drain_timeout,
-                      config_file=args.config)
+                      config_file=args.config, bind=args.bind, advertise=args.advertise)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ class DispatcherStatistics:
 
 class Dispatcher:
     def __init__(self, ctx: zmq.Context, *, node_id: str, bind: str = "tcp://127.0.0.1:*",
-                 max_blame: int = 3):
+                 max_blame: int = 3, advertise: str | None = None):
         self.ctx = ctx
         self.node_id = node_id
         self.max_blame = max_blame
@@ -95,6 +95,8 @@ class Dispatcher:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.bind(bind)
         self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if advertise:  # bound to a wildcard: peers need a reachable host
+            self.endpoint = f"tcp://{advertise}:{self.endpoint.rsplit(':', 1)[1]}"
         self.intake = ctx.socket(zmq.PULL)
         self.intake.setsockopt(zmq.RCVHWM, INTAKE_HWM)
         self.intake.setsockopt(zmq.LINGER, 0)

@@ -22,10 +22,10 @@ class Cluster:
         self.client = Client(etcd.url)
 
     def start_daemon(self, node_id: str, *, workers: int | None = 1, lease_ttl_s: float = 2.0,
-                     extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
+                     extra_args: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
         """A meshd process; workers=None follows the cluster config's workers_per_node."""
         log = open(self.root / f"{node_id}.log", "ab")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}  # sample_tasks for workers
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}  # sample_tasks for workers
         args = ["--workers", str(workers)] if workers is not None else []
         proc = subprocess.Popen([sys.executable, "-m", "mesh.daemon_main", "--coordinator", self.etcd.url,
                                  "--node-id", node_id, "--lease-ttl", str(lease_ttl_s),

@@ -102,3 +102,55 @@ def test_sighup_rereads_the_local_config_file(cluster, tmp_path):
     cluster.wait_for(lambda: cluster.client.nodes()[0]["workers"] == 2, 20, "two workers after SIGHUP")
     assert "local_config_reloaded" in cluster.log("n1")
     assert cluster.daemons["n1"].poll() is None
+
+
+def test_meshd_speaks_sd_notify_to_a_real_datagram_socket(cluster, tmp_path):
+    import socket
+    import time
+
+    path = tmp_path / "notify.sock"
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(path))
+    systemd.settimeout(0.2)
+    received: list[str] = []
+
+    def receive_until(predicate, timeout_s: float, what: str) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                message = systemd.recv(4096).decode()
+            except socket.timeout:
+                continue
+            received.append(message)
+            if predicate(message):
+                return message
+        raise TimeoutError(f"{what} not received within {timeout_s}s; got {received}")
+
+    daemon = cluster.start_daemon("n1", workers=2, lease_ttl_s=LEASE_TTL_S,
+                                  env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+    ready = receive_until(lambda m: "READY=1" in m, 60, "READY=1")
+    nodes = cluster.client.nodes()  # READY only once registered, with every worker up
+    assert [n["id"] for n in nodes] == ["n1"] and nodes[0]["workers_alive"] == 2
+    assert "STATUS=ready: 0 jobs owned, 2/2 workers" in ready
+    receive_until(lambda m: m == "WATCHDOG=1", 5, "a watchdog ping")
+    receive_until(lambda m: m == "WATCHDOG=1", 5, "a second watchdog ping")
+    daemon.send_signal(signal.SIGTERM)
+    receive_until(lambda m: "STOPPING=1" in m, 30, "STOPPING=1")
+    assert daemon.wait(40) == 0
+    assert not any("READY=1" in m for m in received[: received.index(ready)])
+    systemd.close()
+
+
+def test_a_bad_local_config_file_exits_2_at_start_and_is_ignored_on_reload(cluster, tmp_path):
+    conf = tmp_path / "meshd.conf"
+    conf.write_text("workers = many\n")
+    bad = cluster.start_daemon("bad", extra_args=("--config", str(conf)))
+    assert bad.wait(30) == 2
+    assert "workers must be int (got 'many')" in cluster.log("bad")
+    conf.write_text("workers = 1\n")
+    good = cluster.start_daemon("n1", workers=None, extra_args=("--config", str(conf)))
+    cluster.wait_nodes({"n1"}, 60)
+    conf.write_text("colour = blue\n")
+    good.send_signal(signal.SIGHUP)
+    cluster.wait_for(lambda: "local_config_invalid_kept_previous" in cluster.log("n1"), 20, "the bad reload logged")
+    assert good.poll() is None and cluster.client.nodes()[0]["workers"] == 1
