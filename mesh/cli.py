@@ -233,8 +233,19 @@ def cmd_drain(args) -> int:
     return EXIT_OK
 
 
+def _nodes_with_problems(client) -> list[dict]:
+    import time
+    from mesh.tables import node_problems
+    version = client.cluster_config_version()
+    now = time.time()
+    nodes = client.nodes()
+    for node in nodes:
+        node["problems"] = node_problems(node, version, now)
+    return nodes
+
+
 def cmd_nodes(args) -> int:
-    return _show(args, lambda client: client.nodes(), "print_nodes")
+    return _show(args, _nodes_with_problems, "print_nodes")
 
 
 def cmd_cat(args) -> int:

@@ -122,6 +122,9 @@ class Client:
         """The cluster config now (defaults when none was ever written)."""
         return ConfigStore(self.store, self.jobs.prefix).get()[0]
 
+    def cluster_config_version(self) -> int:
+        return ConfigStore(self.store, self.jobs.prefix).get()[1]
+
     def make_spec(self, inputs: Sequence[str] | str, task: str, params: dict | None = None, *, out: str,
                   chunk_size: int | None = None, codec: str | None = None,
                   max_failed_records: int = 1000) -> JobSpec:

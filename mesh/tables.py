@@ -1,7 +1,6 @@
 """Tables for people (meshctl without --json), rendered with rich on stdout."""
 from __future__ import annotations
 
-import time
 
 from rich.console import Console
 from rich.table import Table
@@ -69,17 +68,33 @@ def print_jobs(jobs: list[dict]) -> None:
     _console().print(table)
 
 
+def node_problems(node: dict, config_version: int, now: float) -> list[str]:
+    """What is wrong with a node, in words (empty when nothing is)."""
+    problems = []
+    applied = node.get("config_version", 0)
+    if applied != config_version:
+        problems.append(f"runs config v{applied}, the cluster is at v{config_version}")
+    silent_s = now - node.get("updated_at", now)
+    if silent_s > 15:
+        problems.append(f"no heartbeat for {silent_s:.0f} s (its lease keeps it listed until it expires)")
+    if node.get("workers_alive", 0) < node.get("workers", 0):
+        problems.append(f"only {node.get('workers_alive', 0)} of {node.get('workers', 0)} workers alive "
+                        f"({node.get('worker_restarts', 0)} restarts)")
+    if node.get("state") == "draining":
+        problems.append("draining: takes no new chunks or jobs (`meshctl undrain` to bring it back)")
+    return problems
+
+
 def print_nodes(nodes: list[dict]) -> None:
     table = Table("node", "host", "state", "workers", "config", "cpu", "memory", "in flight", "chunks done", "jobs",
-                  "seen")
-    now = time.time()
+                  "problems")
     for n in sorted(nodes, key=lambda n: n.get("id", "")):
         load = n.get("load") or {}
         table.add_row(n.get("id", "?"), n.get("host", "?"), n.get("state", "?"),
                       f"{n.get('workers_alive', 0)}/{n.get('workers', 0)}", f"v{n.get('config_version', 0)}",
                       f"{load.get('cpu_percent', 0):.0f}%", f"{load.get('memory_mb', 0):,.0f} MB",
                       str(load.get("in_flight_chunks", 0)), f"{load.get('chunks_done', 0):,}",
-                      ", ".join(n.get("jobs", [])), f"{now - n.get('updated_at', now):.0f} s ago")
+                      ", ".join(n.get("jobs", [])), "; ".join(n.get("problems", [])) or "none")
     _console().print(table)
     if not nodes:
         _console().print("no daemon is registered: start one with `meshd` (or `meshctl up`)")
