@@ -70,3 +70,19 @@ class Cluster:
                 proc.kill()
                 proc.wait(5)
         self.client.close()
+
+
+def slow_job(cluster: Cluster, tmp_path: Path, records: bytes, *, name: str = "job", copies: int = 4,
+             delay_s: float = 0.1, chunk_size: int = 64 * 1024):
+    """An identity job slow enough to be hit mid-way (`sample_tasks:slow`): its output must equal
+    its input. Returns (job, expected output); the output directory is tmp_path / name."""
+    path = tmp_path / f"{name}.jsonl"
+    path.write_bytes(records * copies)
+    job = cluster.client.submit([str(path)], "sample_tasks:slow", {"delay_s": delay_s}, out=str(tmp_path / name),
+                                chunk_size=chunk_size)
+    return job, records * copies
+
+
+def progress(job) -> dict:
+    """A running job's progress counters (owner, epoch, chunks_done, ...); {} before it starts."""
+    return job.status().get("progress") or {}

@@ -17,6 +17,15 @@ class Runner:
         self.name, self.spec = name, spec
 
     def __enter__(self):
+        """Start the runner's long-running services (`_start`); if that fails half-way, stop what
+        did start (by PID) before raising."""
+        try:
+            return self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def _start(self):
         return self
 
     def __exit__(self, *exc):

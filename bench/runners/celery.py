@@ -50,13 +50,6 @@ class Runner(_Base):
     module = "bench.runners.celery"
     startup_included = False
 
-    def __enter__(self):
-        try:
-            return self._start()
-        except BaseException:
-            self.__exit__(None, None, None)  # stop what did start, by PID
-            raise
-
     def _start(self):
         import redis
         self.tmp = tempfile.mkdtemp(prefix="bench-celery-")

@@ -26,13 +26,6 @@ class Runner(_Base):
     output = "mesh"
     startup_included = False
 
-    def __enter__(self):
-        try:
-            return self._start()
-        except BaseException:
-            self.__exit__(None, None, None)  # stop what did start, by PID
-            raise
-
     def _start(self):
         self.state_dir = tempfile.mkdtemp(prefix="bench-mesh-up-")
         self.env = dict(os.environ, MESH_COORDINATOR=f"embedded://{self.state_dir}")

@@ -5,23 +5,11 @@ import os
 import signal
 import time
 
+from cluster import progress, slow_job
 from mesh.outputs import iter_output, list_parts
 
 LEASE_TTL_S = 2.0
 CHUNK = 64 * 1024
-
-
-def slow_job(cluster, tmp_path, access_log_records, copies=4, delay_s=0.1):
-    """An identity job slow enough to be hit mid-way: its output must equal its input."""
-    path = tmp_path / "in.jsonl"
-    path.write_bytes(access_log_records * copies)
-    job = cluster.client.submit([str(path)], "sample_tasks:slow", {"delay_s": delay_s}, out=str(tmp_path / "out"),
-                                chunk_size=CHUNK)
-    return job, access_log_records * copies
-
-
-def progress(job) -> dict:
-    return job.status().get("progress") or {}
 
 
 def owner_of(cluster, job) -> str:
@@ -41,9 +29,9 @@ def test_a_killed_owner_is_replaced_and_the_job_resumes_from_committed_offsets(c
     assert status["state"] == "done", status
     summary = status["summary"]
     assert summary["owner"] != first["owner"] and summary["epoch"] > first["epoch"]
-    assert b"".join(iter_output(tmp_path / "out")) == expected
+    assert b"".join(iter_output(tmp_path / "job")) == expected
     assert summary["records_in"] == expected.count(b"\n")
-    assert summary["chunks_done"] == len(list_parts(tmp_path / "out"))
+    assert summary["chunks_done"] == len(list_parts(tmp_path / "job"))
     # redone: at most what was finished past the last commit plus what was in flight
     print(f"owner failover: {summary['chunks_redone']} chunks redone of {summary['chunks_done']}")
     assert summary["chunks_redone"] <= 3 * 2 + 30, summary["chunks_redone"]
@@ -66,7 +54,7 @@ def test_a_zombie_owner_is_fenced_out_and_steps_down(cluster, access_log_records
     status = job.wait(timeout_s=120)
     assert status["state"] == "done", status
     assert status["summary"]["owner"] != zombie
-    assert b"".join(iter_output(tmp_path / "out")) == expected
+    assert b"".join(iter_output(tmp_path / "job")) == expected
     cluster.wait_for(lambda: "lease_lost" in cluster.log(zombie) or "owner_fenced_out" in cluster.log(zombie), 30,
                      "the zombie learned it lost the job")
     assert cluster.daemons[zombie].poll() is None  # it stepped down; it did not die
@@ -84,7 +72,7 @@ def test_etcd_down_longer_than_a_lease_mid_job(cluster, access_log_records, tmp_
     cluster.etcd.start()
     status = job.wait(timeout_s=120)
     assert status["state"] == "done", status
-    assert b"".join(iter_output(tmp_path / "out")) == expected
+    assert b"".join(iter_output(tmp_path / "job")) == expected
     assert all(cluster.daemons[n].poll() is None for n in ("n1", "n2"))
 
 
@@ -103,7 +91,7 @@ def test_the_whole_mesh_killed_and_restarted_resumes_redoing_a_bounded_amount(cl
         cluster.start_daemon(node, lease_ttl_s=LEASE_TTL_S)
     status = job.wait(timeout_s=120)
     assert status["state"] == "done", status
-    assert b"".join(iter_output(tmp_path / "out")) == expected
+    assert b"".join(iter_output(tmp_path / "job")) == expected
     summary = status["summary"]
     assert summary["records_in"] == expected.count(b"\n")
     # committed chunks were not redone; what was redone is bounded by the in-flight window
@@ -111,7 +99,7 @@ def test_the_whole_mesh_killed_and_restarted_resumes_redoing_a_bounded_amount(cl
     # worth of finished chunks (0.5 s at ~2 x 20 chunks/s)
     window_bound = len(nodes) * 1 * 2 + 2 + 20
     assert summary["chunks_redone"] <= window_bound, (summary["chunks_redone"], window_bound)
-    assert summary["chunks_done"] == len(list_parts(tmp_path / "out"))
+    assert summary["chunks_done"] == len(list_parts(tmp_path / "job"))
     assert durable > 0  # work was committed before the kill: the restart resumed, it did not start over
     print(f"whole-mesh restart: {durable} chunks durable at the kill, {summary['chunks_redone']} redone, "
           f"{summary['chunks_done']} in all (bound {window_bound})")

@@ -3,22 +3,11 @@ from __future__ import annotations
 
 import signal
 
+from cluster import progress, slow_job
 from mesh.outputs import iter_output, list_parts
 
 LEASE_TTL_S = 2.0
 CHUNK = 64 * 1024
-
-
-def slow_job(cluster, tmp_path, access_log_records, name="job", copies=4, delay_s=0.1):
-    path = tmp_path / f"{name}.jsonl"
-    path.write_bytes(access_log_records * copies)
-    job = cluster.client.submit([str(path)], "sample_tasks:slow", {"delay_s": delay_s}, out=str(tmp_path / name),
-                                chunk_size=CHUNK)
-    return job, access_log_records * copies
-
-
-def progress(job) -> dict:
-    return job.status().get("progress") or {}
 
 
 def state_of(cluster, node: str) -> str | None:
