@@ -26,6 +26,7 @@ from mesh.codecs.records import count_records
 from mesh.codecs.streams import detect_encoding, iter_line_chunks, open_input, read_whole
 from mesh.errors import InputError
 from mesh.offsets import Watermarks
+from mesh.readahead import ReadAhead
 
 MAX_BUNDLE_FILES = 1024
 MAX_RECORD_BYTES = 64 * 1024 * 1024
@@ -102,25 +103,33 @@ def stat_inputs(paths: Sequence[str]) -> list[InputFile]:
     return files
 
 
-def plan_chunks(files: Sequence[InputFile], *, chunk_size: int,
-                committed: Watermarks | None = None) -> Iterator[PlannedChunk | InputFailure]:
+def plan_chunks(files: Sequence[InputFile], *, chunk_size: int, committed: Watermarks | None = None,
+                readahead: int = 2) -> Iterator[PlannedChunk | InputFailure]:
+    """The plan, in order. Big compressed files are cut up to `readahead` files ahead in threads
+    (see mesh.readahead); the chunks and their order are the same either way."""
     committed = committed or Watermarks()
     small_limit = chunk_size // 4
-    bundle: list[InputFile] = []
-    bundle_bytes = 0
-    for f in files:
-        if f.size > small_limit:
-            yield from _emit_bundle(bundle, committed)
-            bundle, bundle_bytes = [], 0
-            if not committed.is_done(f.index):
-                yield from _cut_file(f, chunk_size, committed.start_of(f.index))
-            continue
-        if bundle and (bundle_bytes + f.size > chunk_size or len(bundle) >= MAX_BUNDLE_FILES):
-            yield from _emit_bundle(bundle, committed)
-            bundle, bundle_bytes = [], 0
-        bundle.append(f)
-        bundle_bytes += f.size
-    yield from _emit_bundle(bundle, committed)
+    ahead_files = [f for f in files if f.size > small_limit and f.encoding != "none" and not committed.is_done(f.index)]
+    with ReadAhead([f.index for f in ahead_files],
+                   lambda i: _cut_file(files[i], chunk_size, committed.start_of(i)), depth=readahead) as ahead:
+        ahead_set = {f.index for f in ahead_files} if readahead > 0 else set()
+        bundle: list[InputFile] = []
+        bundle_bytes = 0
+        for f in files:
+            if f.size > small_limit:
+                yield from _emit_bundle(bundle, committed)
+                bundle, bundle_bytes = [], 0
+                if f.index in ahead_set:
+                    yield from ahead.take(f.index)
+                elif not committed.is_done(f.index):
+                    yield from _cut_file(f, chunk_size, committed.start_of(f.index))
+                continue
+            if bundle and (bundle_bytes + f.size > chunk_size or len(bundle) >= MAX_BUNDLE_FILES):
+                yield from _emit_bundle(bundle, committed)
+                bundle, bundle_bytes = [], 0
+            bundle.append(f)
+            bundle_bytes += f.size
+        yield from _emit_bundle(bundle, committed)
 
 
 def _emit_bundle(bundle: list[InputFile], committed: Watermarks) -> Iterator[PlannedChunk | InputFailure]:

@@ -1,0 +1,55 @@
+"""Read-ahead cuts big compressed inputs in threads; the plan must not change by a byte."""
+from __future__ import annotations
+
+import gzip
+import threading
+
+import lz4.frame
+import zstandard
+
+from mesh.offsets import Watermarks
+from mesh.source import plan_chunks, stat_inputs
+
+CHUNK = 64 * 1024
+
+
+def test_the_plan_is_the_same_with_and_without_readahead(tmp_path, access_log_records):
+    lines = access_log_records.split(b"\n")[:-1]
+    writers = [(".jsonl.gz", lambda b: gzip.compress(b, mtime=0)), (".jsonl.zst", zstandard.ZstdCompressor().compress),
+               (".jsonl.lz4", lz4.frame.compress), (".jsonl", lambda b: b)]
+    paths = []
+    for i in range(8):
+        suffix, compress = writers[i % len(writers)]
+        body = b"\n".join(lines[i * 1000:(i + 1) * 1000]) + b"\n"
+        path = tmp_path / f"f{i}{suffix}"
+        path.write_bytes(compress(body * 3))
+        paths.append(str(path))
+        small = tmp_path / f"f{i}-small.jsonl"
+        small.write_bytes(body[:500].rsplit(b"\n", 1)[0] + b"\n")
+        paths.append(str(small))
+    files = stat_inputs(paths)
+
+    def plan(readahead: int, committed=None):
+        return [(c.segments, bytes(c.payload), c.ends_file) for c in
+                plan_chunks(files, chunk_size=CHUNK, readahead=readahead, committed=committed)]
+
+    serial = plan(0)
+    assert len(serial) > 20
+    assert plan(2) == serial
+    assert plan(4) == serial
+    resumed = Watermarks({"files_done": 3, "done": [], "partial": {"4": serial[10][0][0].start}})
+    assert plan(2, resumed) == plan(0, resumed)
+
+
+def test_readahead_threads_stop_when_the_consumer_stops(tmp_path, access_log_records):
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"f{i}.jsonl.gz"
+        path.write_bytes(gzip.compress(access_log_records * 2, mtime=0))
+        paths.append(str(path))
+    before = threading.active_count()
+    chunks = plan_chunks(stat_inputs(paths), chunk_size=CHUNK, readahead=2)
+    next(chunks)
+    assert threading.active_count() > before
+    chunks.close()  # the source stopping early (job cancelled, owner stepping down)
+    assert threading.active_count() == before
