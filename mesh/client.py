@@ -127,12 +127,12 @@ class Client:
 
     def make_spec(self, inputs: Sequence[str] | str, task: str, params: dict | None = None, *, out: str,
                   chunk_size: int | None = None, codec: str | None = None,
-                  max_failed_records: int = 1000) -> JobSpec:
-        """A JobSpec; chunk size and codec default to the cluster config's."""
+                  max_failed_records: int = 1000, config=None) -> JobSpec:
+        """A JobSpec; chunk size and codec default to the cluster config's (`config`, or read now)."""
         if isinstance(inputs, (str, os.PathLike)):
             inputs = [inputs]
         if chunk_size is None or codec is None:
-            config = self.cluster_config()
+            config = config or self.cluster_config()
             chunk_size = config.default_chunk_size if chunk_size is None else chunk_size
             codec = config.default_codec if codec is None else codec
         return JobSpec(inputs=tuple(os.path.abspath(str(p)) for p in inputs), task=task, params=dict(params or {}),
@@ -141,8 +141,9 @@ class Client:
 
     def submit_nowait(self, inputs, task: str, params: dict | None = None, *, out: str, **options) -> Job:
         """Submit now or raise MeshBusy (too many pending jobs) / InvalidSpec (all problems)."""
-        spec = self.make_spec(inputs, task, params, out=out, **options)
-        limit = self.max_pending if self.max_pending is not None else self.cluster_config().max_pending_jobs
+        config = self.cluster_config()  # one read for the defaults and the pending limit
+        spec = self.make_spec(inputs, task, params, out=out, config=config, **options)
+        limit = self.max_pending if self.max_pending is not None else config.max_pending_jobs
         return Job(self.jobs, self.jobs.submit(spec, max_pending=limit))
 
     def submit(self, inputs, task: str, params: dict | None = None, *, out: str,

@@ -19,7 +19,7 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import orjson
 
@@ -52,8 +52,9 @@ class OutputDir:
         except OSError as exc:
             raise OutputError(str(self.path), f"cannot create output directory {self.path}: {exc.strerror}") from exc
 
-    def claim(self, job_id: str, files: list[str]) -> list[str]:
-        """Bind this directory to `job_id`; return the input list it was bound with.
+    def claim(self, job_id: str, list_inputs: Callable[[], list[str]]) -> list[str]:
+        """Bind this directory to `job_id`; return the input list it was bound with (inputs are
+        listed, by `list_inputs`, only when it is bound for the first time).
 
         A directory that holds another job's output is refused (never mix two jobs' parts);
         one bound to this job already (a resumed job) keeps its original input list, so the
@@ -69,6 +70,7 @@ class OutputDir:
         if any(self.path.iterdir()):
             raise OutputError(str(self.path), f"output directory {self.path} is not empty; "
                                               "choose another --out or remove it")
+        files = list_inputs()
         self.write(INPUTS, orjson.dumps({"job": job_id, "files": files}))
         self.sync()
         return files

@@ -151,7 +151,7 @@ class Owner:
     def _prepare(self) -> None:
         self.task = resolve_task(self.spec.task, self.allowed_modules)
         self.out = OutputDir(self.spec.out)
-        self.paths = self.out.claim(self.job_id, expand_inputs(self.spec.inputs))
+        self.paths = self.out.claim(self.job_id, lambda: expand_inputs(self.spec.inputs))  # a resume re-lists nothing
         files = stat_inputs(self.paths)
         self.files = files
         self.plan.files = len(files)
