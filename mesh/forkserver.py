@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.forkserver
+import os
+
+from mesh.lifeline import DAEMON_PID_ENV
 
 PRELOAD = ["mesh.forkserver_child"]  # imports mesh.worker; see that module for why
 
@@ -16,6 +19,7 @@ PRELOAD = ["mesh.forkserver_child"]  # imports mesh.worker; see that module for 
 def forkserver_context():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
+    os.environ[DAEMON_PID_ENV] = str(os.getpid())  # the parent a new forkserver checks it still has
     return ctx
 
 

@@ -3,10 +3,15 @@
 A worker's parent is the forkserver, not meshd, so the worker's own "kill me when my parent
 dies" only helps if the forkserver dies with meshd. The forkserver would not: every worker
 inherits the write end of its "alive" pipe, so it never sees meshd go. Hence the forkserver asks
-the kernel for SIGKILL when meshd dies (prctl PDEATHSIG; the forkserver is started from meshd's
-main thread), and each worker does the same with the forkserver: a SIGKILLed meshd leaves no
-process behind.
+the kernel for SIGKILL when meshd dies (the forkserver is started from meshd's main thread), and
+each worker does the same with the forkserver (`FORKSERVER_PID`, inherited through the fork, is
+the parent it expects): a SIGKILLed meshd leaves no process behind.
 """
-from mesh.worker import die_with_parent
+import os
 
-die_with_parent()
+from mesh.lifeline import DAEMON_PID_ENV, die_with_parent
+
+die_with_parent(int(os.environ.pop(DAEMON_PID_ENV, "0") or 0))
+FORKSERVER_PID = os.getpid()
+
+import mesh.worker  # noqa: E402,F401  (the preload itself: workers fork with it imported)

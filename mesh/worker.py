@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,11 +28,11 @@ from mesh.codecs.errors import FrameError
 from mesh.codecs.frames import Kind
 from mesh.errors import MeshError
 from mesh.execute import ChunkOutcome, run_chunk
+from mesh.lifeline import die_with_parent
 from mesh.logs import configure_logging
 from mesh.tasks import resolve_task
 
 MAX_CACHED_JOBS = 32
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,6 @@ def worker_identity(node_id: str, slot: int, pid: int) -> bytes:
 
 def node_of(identity: bytes) -> str:
     return identity.decode(errors="replace").rsplit("/", 2)[0]
-
-
-def die_with_parent() -> None:
-    """Ask the kernel to SIGKILL us when our parent dies, so no worker outlives its meshd."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _tune_malloc() -> None:
@@ -213,7 +206,8 @@ class Worker:
 
 def worker_main(cfg: WorkerConfig, busy_since=None) -> None:
     """Entry point of a worker process (multiprocessing target)."""
-    die_with_parent()
+    forkserver = sys.modules.get("mesh.forkserver_child")
+    die_with_parent(getattr(forkserver, "FORKSERVER_PID", None))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -46,10 +46,10 @@ class Cluster:
             return self.node_ids() == want
         return self.wait_for(listed, timeout_s, f"the registry listing exactly {sorted(want)}")
 
-    def wait_for(self, predicate, timeout_s: float, what: str) -> float:
+    def wait_for(self, predicate, timeout_s: float, what: str, poll_s: float = 0.05) -> float:
         """Wait until `predicate()` holds; return the seconds it took."""
         started = time.monotonic()
-        wait_until(predicate, timeout_s, what, poll_s=0.05)
+        wait_until(predicate, timeout_s, what, poll_s=poll_s)
         return time.monotonic() - started
 
     def meshctl(self, *args: str) -> subprocess.CompletedProcess:

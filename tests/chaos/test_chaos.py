@@ -442,10 +442,13 @@ def test_output_under_chaos_is_the_fault_free_output(chaos_seed, chaos_corpus, f
         etcd.close()
 
 
-def test_a_killed_meshd_leaves_no_process_behind(tmp_path):
+@pytest.mark.parametrize("moment", ["workers_running", "worker_being_reborn"])
+def test_a_killed_meshd_leaves_no_process_behind(tmp_path, moment):
     """Kill anything at any time: a SIGKILLed meshd (no chance to clean up) must not leave its
-    forkserver, resource tracker or workers running (worker.py: "no worker outlives its meshd").
-    Left behind, they hold memory, pinned cores and sockets to peers until someone kills them."""
+    forkserver, resource tracker or workers running (lifeline.py). Left behind, they hold memory,
+    pinned cores and sockets to peers until someone kills them. "worker_being_reborn" kills meshd
+    the moment a replacement worker appears, before it can ask the kernel to die with its parent:
+    the race that once left workers (and through them the tracker) behind."""
     with EtcdServer(tmp_path / "etcd") as etcd:
         cluster = Cluster(etcd, tmp_path)
         descendants: list[psutil.Process] = []
@@ -453,14 +456,21 @@ def test_a_killed_meshd_leaves_no_process_behind(tmp_path):
             proc = cluster.start_daemon("n1", workers=2, lease_ttl_s=LEASE_TTL_S)
             cluster.wait_nodes({"n1"}, timeout_s=START_TIMEOUT_S)
             cluster.wait_for(lambda: len(Chaos.workers_of(proc.pid)) == 2, START_TIMEOUT_S, "2 workers running")
+            if moment == "worker_being_reborn":
+                first = Chaos.workers_of(proc.pid)
+                first[0].kill()
+                born = lambda: [w for w in Chaos.workers_of(proc.pid) if w.pid not in {f.pid for f in first}]
+                cluster.wait_for(born, START_TIMEOUT_S, "a replacement worker", poll_s=0.001)
             descendants = psutil.Process(proc.pid).children(recursive=True)
+            workers = {w.pid for w in Chaos.workers_of(proc.pid)}
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             grace_s = 5.0
             deadline = time.monotonic() + grace_s
             while (alive := [p for p in descendants if _alive(p)]) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            described = [f"pid {p.pid} (ppid {p.ppid()}): {' '.join(p.cmdline())[:90]}" for p in alive]
+            described = [f"{'worker' if p.pid in workers else 'child'} pid {p.pid} (ppid {p.ppid()}): "
+                         f"{' '.join(p.cmdline())[:90]}" for p in alive]
             assert not alive, (f"{len(alive)} of {len(descendants)} processes of a SIGKILLed meshd still run "
                                f"{grace_s}s later:\n" + "\n".join(described))
         finally:
