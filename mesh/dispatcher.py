@@ -92,6 +92,7 @@ class Dispatcher:
         self.intake_address = f"inproc://mesh-intake-{id(self):x}"
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a worker's new connection replaces its old one
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.bind(bind)
         self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
@@ -262,7 +263,9 @@ class Dispatcher:
         if not isinstance(node, str) or not isinstance(slot, int):
             raise FrameError("bad_control", "ready must name the worker's node (str) and slot (int)")
         if identity in self.workers:
-            return
+            # A known worker opened a new connection (it dropped ours and came back, e.g. when a
+            # peers update flapped): what we sent on the old one died with it. Re-send, blame none.
+            self._lose_worker(identity, blame=False)
         for old in [i for i, link in self.workers.items() if (link.node, link.slot) == (node, slot)]:
             self._lose_worker(old)  # that slot's previous process died; it was restarted
         self.workers[identity] = WorkerLink(identity=identity, credits=credits, node=node, slot=slot)

@@ -47,9 +47,13 @@ def test_readahead_threads_stop_when_the_consumer_stops(tmp_path, access_log_rec
         path = tmp_path / f"f{i}.jsonl.gz"
         path.write_bytes(gzip.compress(access_log_records * 2, mtime=0))
         paths.append(str(path))
-    before = threading.active_count()
+    def readahead_threads() -> set[threading.Thread]:  # other tests' threads may come and go meanwhile
+        return {t for t in threading.enumerate() if t.name == "readahead"}
+
+    before = readahead_threads()
     chunks = plan_chunks(stat_inputs(paths), chunk_size=CHUNK, readahead=2)
     next(chunks)
-    assert threading.active_count() > before
-    chunks.close()  # the source stopping early (job cancelled, owner stepping down)
-    assert threading.active_count() == before
+    started = readahead_threads() - before
+    assert started
+    chunks.close()  # the source stopping early (job cancelled, owner stepping down): joins them
+    assert not [t for t in started if t.is_alive()]
