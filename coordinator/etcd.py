@@ -93,6 +93,13 @@ class _Conn:
         return self.client.metadata  # the auth token, sent per call (call credentials need TLS)
 
 
+def _setting(name: str) -> str:
+    """An `open_etcd_store` TLS argument as users set it: 'ca_cert / $MESH_ETCD_CA'."""
+    from mesh.coordinator.connect import ETCD_ENV  # the one place that maps arguments to variables
+
+    return f"{name} / ${ETCD_ENV[name]}"
+
+
 def _enc(key: str) -> bytes:
     return key.encode("utf-8", "surrogateescape")
 
@@ -169,8 +176,8 @@ class EtcdStore:
         if kind is StoreUnavailable:
             return StoreUnavailable(
                 f"{what}: etcd at {where} is unavailable ({code.name}: {detail}); check that etcd runs "
-                f"and listens there, that this host can reach it, and its TLS settings "
-                f"(timeout {self.timeout_s} s)")
+                f"and listens there and that this host can reach it (timeout {self.timeout_s} s); "
+                f"{self._tls_advice()}")
         if kind is StoreAuthError:
             who = f"user {self._user!r}" if self._user else "no user (etcd has auth enabled: pass user and password)"
             return StoreAuthError(f"{what}: etcd at {where} refused {who} ({code.name}: {detail}); check the "
@@ -209,9 +216,27 @@ class EtcdStore:
                 self._conn, self._index = _Conn(client, f"{host}:{port}"), index
                 return self._conn
             raise StoreUnavailable(
-                f"{what}: no etcd endpoint of {self.describe()} answered within {self.timeout_s} s "
-                f"({'; '.join(failures)}); check that etcd runs and listens there, that this host can "
-                "reach it, and the TLS settings")
+                f"{what}: no etcd endpoint of {self.describe()} answered (timeout {self.timeout_s} s; "
+                f"{'; '.join(failures)}); check that etcd runs and listens there and that this host "
+                f"can reach it; {self._tls_advice()}")
+
+    def _tls_advice(self) -> str:
+        """What to check about TLS when etcd cannot be reached. gRPC reports a refused or
+        unverifiable certificate like an unreachable server (UNAVAILABLE, with a detail whose
+        wording changes between gRPC versions), so the advice follows the settings we were
+        given, not the error text."""
+        ca, cert, key = self._tls["ca_cert"], self._tls["cert_cert"], self._tls["cert_key"]
+        if ca is None:
+            return (f"TLS: none configured; if etcd serves https, set {_setting('ca_cert')} to the CA that "
+                    "signed its server certificate (and a client certificate if etcd requires one)")
+        server = (f"TLS: the CA {ca} ({_setting('ca_cert')}) must have signed etcd's server certificate, "
+                  "issued for the host name used here")
+        if cert is None:
+            return (f"{server}; no client certificate is configured: if etcd requires one "
+                    f"(--client-cert-auth), set {_setting('cert_cert')} and {_setting('cert_key')}")
+        return (f"{server}; etcd must trust the CA that signed the client certificate {cert} "
+                f"({_setting('cert_cert')}) in its --trusted-ca-file, and {key} ({_setting('cert_key')}) "
+                "must be that certificate's key")
 
     def _drop(self, conn: _Conn) -> None:
         """Forget a connection whose endpoint failed: the next call reconnects, starting from the

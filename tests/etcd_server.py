@@ -11,6 +11,10 @@ A missing etcd binary is an error, never a skip: the suite must not pass without
 Ports are picked by binding a socket to 127.0.0.1:0 and closing it, so another process could
 take the port before etcd binds it (a tiny race). `start()` therefore retries once, with fresh
 ports, when etcd exits complaining that the address is in use.
+
+TLS: `EtcdServer(tls=EtcdTls(...))` serves clients over https and requires a client certificate
+signed by `tls.ca` (`--client-cert-auth`); the /health poll presents `tls.client_cert`. Peer URLs
+stay plain http (one member). Certificates for tests: `tests/tls_certs.py`.
 """
 from __future__ import annotations
 
@@ -19,15 +23,17 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["EtcdServer", "ETCD_BINARY", "free_port"]
+__all__ = ["EtcdServer", "EtcdTls", "ETCD_BINARY", "free_port"]
 
 ETCD_BINARY = os.environ.get("MESH_TEST_ETCD", "/usr/bin/etcd")
 START_TIMEOUT_S = 15.0
@@ -43,18 +49,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """etcd serving clients over TLS with client-certificate auth: `cert`/`key` are etcd's server
+    certificate (for 127.0.0.1), `ca` the CA that must have signed every client certificate (and
+    that signed `cert`), `client_cert`/`client_key` what the health poll presents."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+    def args(self) -> list[str]:
+        return ["--cert-file", str(self.cert), "--key-file", str(self.key), "--client-cert-auth",
+                "--trusted-ca-file", str(self.ca)]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.client_cert), str(self.client_key))
+        return context
+
+
 class EtcdServer:
     """One etcd member on loopback. `url` is what `open_store` takes (etcd://127.0.0.1:port),
-    `endpoint` is host:port, `client_url` the http URL etcd listens on.
+    `endpoint` is host:port, `client_url` the http URL etcd listens on (https with `tls`).
 
     `root` holds `data/` and `etcd.log`; when not given, a temporary directory is created and
     removed by `close()` (or leaving the `with` block). `extra_args` are appended to etcd's
-    command line (later flags win, so they can override the defaults below).
+    command line (later flags win, so they can override the defaults below). `tls`: see the
+    module docstring.
     """
 
     def __init__(self, root: str | Path | None = None, *, name: str = "default",
                  binary: str = ETCD_BINARY, extra_args: Sequence[str] = (),
-                 start_timeout_s: float = START_TIMEOUT_S):
+                 start_timeout_s: float = START_TIMEOUT_S, tls: EtcdTls | None = None):
         self._owns_root = root is None
         self.root = Path(tempfile.mkdtemp(prefix="mesh-etcd-")) if root is None else Path(root)
         self.data_dir = self.root / "data"
@@ -63,6 +92,7 @@ class EtcdServer:
         self.binary = binary
         self.extra_args = list(extra_args)
         self.start_timeout_s = start_timeout_s
+        self.tls = tls
         self.client_port = 0
         self.peer_port = 0
         self._proc: subprocess.Popen | None = None
@@ -79,7 +109,7 @@ class EtcdServer:
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
 
     @property
     def pid(self) -> int | None:
@@ -166,7 +196,7 @@ class EtcdServer:
             raise RuntimeError("etcd has not been started yet: no ports assigned")
 
     def command(self) -> list[str]:
-        client, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        client, peer = self.client_url, f"http://127.0.0.1:{self.peer_port}"
         return [
             self.binary, "--name", self.name, "--data-dir", str(self.data_dir),
             "--listen-client-urls", client, "--advertise-client-urls", client,
@@ -178,7 +208,7 @@ class EtcdServer:
             "--heartbeat-interval", "10", "--election-timeout", "100",
             "--auto-compaction-retention", "0",  # tests compact explicitly
             "--enable-v2=false", "--logger", "zap", "--log-outputs", "stderr", "--log-level", "warn",
-            *self.extra_args,
+            *(self.tls.args() if self.tls else ()), *self.extra_args,
         ]
 
     def _spawn(self) -> None:
@@ -190,13 +220,14 @@ class EtcdServer:
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s
         last = "no answer yet"
+        context = self.tls.ssl_context() if self.tls else None
         while True:
             if not self.running():
                 code = self._proc.returncode if self._proc else None
                 raise RuntimeError(f"etcd exited with code {code} before becoming healthy "
                                    f"(command: {' '.join(self.command())}); log tail:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.client_url}/health", timeout=1.0) as response:
+                with urllib.request.urlopen(f"{self.client_url}/health", timeout=1.0, context=context) as response:
                     body = json.loads(response.read() or b"{}")
                 if body.get("health") == "true":
                     return
