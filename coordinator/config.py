@@ -36,7 +36,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, fields
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 from mesh.coordinator.errors import ConfigConflict, ConfigVersionNotFound, InvalidConfig
 from mesh.coordinator.store import Delete, Get, KeyValue, Put, Store, Watch, absent, mod_is
@@ -51,6 +51,7 @@ _MAX_TRIM_OPS = 100  # history deletes per write (etcd allows 128 ops per txn); 
 _SIZE = re.compile(r"(\d+)\s*([kmg]?)(i?b)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _MODULE_PREFIX = re.compile(r"\*|[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_MAX_ROOT_LENGTH = 4096  # characters in one root directory (Linux PATH_MAX)
 
 
 def _is_int(value: object) -> bool:
@@ -80,10 +81,10 @@ def _human_bytes(n: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Field:
-    """One config field. `type` is "int", "float", "choice" or "modules" (a list of module
-    prefixes); `rule` is (low, high) for numbers, the allowed values for a choice, None for
-    modules. `null` says what null means ("" = null is not allowed); `unit` is "bytes" (CLI
-    strings may use K/M/G suffixes), "s" or ""."""
+    """One config field. `type` is "int", "float", "choice", "modules" (a list of module
+    prefixes) or "paths" (a list of absolute directories); `rule` is (low, high) for numbers,
+    the allowed values for a choice, None for lists. `null` says what null means ("" = null is
+    not allowed); `unit` is "bytes" (CLI strings may use K/M/G suffixes), "s" or ""."""
 
     name: str
     type: str
@@ -99,6 +100,8 @@ class Field:
             text = "one of " + ", ".join(self.rule)
         elif self.type == "modules":
             text = "a list of module prefixes like 'acme.etl' ('*' = any)"
+        elif self.type == "paths":
+            text = "a list of absolute directory paths like '/data/in' (empty = anywhere)"
         else:
             low, high = self.rule
             noun = {"int": "an integer", "float": "a number"}[self.type]
@@ -114,6 +117,8 @@ class Field:
             return []
         if self.type == "modules":
             return self._module_problems(value)
+        if self.type == "paths":
+            return self._path_problems(value)
         if self.type == "choice":
             ok = isinstance(value, str) and value in self.rule
         elif self.type == "int":
@@ -129,13 +134,29 @@ class Field:
                 for i, item in enumerate(value)
                 if not isinstance(item, str) or not _MODULE_PREFIX.fullmatch(item)]
 
+    def _path_problems(self, value: object) -> list[str]:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            return [f"{self.name} must be {self.describe_rule()} (got {value!r})"]
+        problems = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.startswith("/"):
+                why = "an absolute directory path like '/data/in'"
+            elif len(item) > _MAX_ROOT_LENGTH or "\0" in item:
+                why = f"at most {_MAX_ROOT_LENGTH} characters, without NUL"
+            elif ".." in item.split("/"):
+                why = "a path without '..' components"
+            else:
+                continue
+            problems.append(f"{self.name}[{i}] must be {why} (got {item!r})")
+        return problems
+
     def parse(self, text: str) -> object:
         """A CLI string as this field's type: "null", sizes with K/M/G, comma lists. Text that
         does not parse comes back unchanged, so `problems` names it."""
         text = text.strip()
         if self.null and text.lower() == "null":
             return None
-        if self.type == "modules":
+        if self.type in ("modules", "paths"):
             return [part.strip() for part in text.split(",") if part.strip()]
         if self.type == "choice":
             return text
@@ -149,13 +170,16 @@ class Field:
         return text
 
     def normalize(self, value: object) -> object:
-        """The stored form of a valid value: floats as float, module lists as tuples."""
+        """The stored form of a valid value: floats as float, module lists as tuples, paths as
+        tuples of normalised paths ('/data//in/' -> '/data/in')."""
         if value is None:
             return None
         if self.type == "float":
             return float(value)
         if self.type == "modules":
             return tuple(value)
+        if self.type == "paths":
+            return tuple(os.path.normpath(p) for p in value)
         return value
 
 
@@ -167,8 +191,12 @@ SCHEMA: tuple[Field, ...] = (
     Field("default_codec", "choice", "auto", ("auto", "none", "lz4", "zstd"), "",
           "transport compression of jobs that do not set one"),
     Field("log_level", "choice", "info", ("debug", "info", "warning", "error"), "", "meshd log level"),
-    Field("allowed_task_modules", "modules", ("*",), None, "",
-          "modules whose tasks a meshd may import, by prefix (CLI: comma-separated); built-ins always"),
+    Field("allowed_task_modules", "modules", (), None, "",
+          "modules whose tasks a meshd may import, by prefix (CLI: comma-separated; '*': any); built-ins always"),
+    Field("input_roots", "paths", (), None, "",
+          "directories jobs may read inputs from, symlinks resolved (CLI: comma-separated; empty: anywhere)"),
+    Field("output_roots", "paths", (), None, "",
+          "directories jobs may write output under, symlinks resolved (CLI: comma-separated; empty: anywhere)"),
     Field("lease_ttl_s", "float", 10.0, (2, 300), "s", "node and owner lease TTL"),
     Field("max_jobs_per_node", "int", 4, (1, 64), "", "jobs one meshd owns at once"),
     Field("max_pending_jobs", "int", 1000, (1, 1_000_000), "", "pending jobs before submit says busy"),
@@ -210,6 +238,8 @@ class ClusterConfig:
     default_codec: str = _d("default_codec")
     log_level: str = _d("log_level")
     allowed_task_modules: tuple[str, ...] = _d("allowed_task_modules")
+    input_roots: tuple[str, ...] = _d("input_roots")
+    output_roots: tuple[str, ...] = _d("output_roots")
     lease_ttl_s: float = _d("lease_ttl_s")
     max_jobs_per_node: int = _d("max_jobs_per_node")
     max_pending_jobs: int = _d("max_pending_jobs")
@@ -236,7 +266,7 @@ class ClusterConfig:
         return cls(**doc)
 
     def to_doc(self) -> dict:
-        """A JSON-ready dict of every field (module prefixes as a list)."""
+        """A JSON-ready dict of every field (module prefixes and roots as lists)."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in SCHEMA}
 
     def with_changes(self, changes: Mapping[str, object]) -> "ClusterConfig":
@@ -257,13 +287,12 @@ class ClusterConfig:
             raise InvalidConfig(problems)
         return new
 
-    def allows_task_module(self, task: str) -> bool:
-        """Whether a meshd under this config may import `task` ("package.module:function");
-        built-in tasks (no module) are always allowed. A prefix allows itself and submodules."""
-        module, sep, _ = task.partition(":")
-        if not sep or "*" in self.allowed_task_modules:
-            return True
-        return any(module == p or module.startswith(p + ".") for p in self.allowed_task_modules)
+    @property
+    def task_module_allowlist(self) -> tuple[str, ...] | None:
+        """What `mesh.tasks.resolve_task` takes: module prefixes a meshd may import tasks from
+        (built-ins always), or None for any ('*'). The default is built-ins only: whoever can
+        submit a job must not be able to make every daemon import an arbitrary module."""
+        return None if "*" in self.allowed_task_modules else tuple(self.allowed_task_modules)
 
 
 if [(f.name, f.default) for f in fields(ClusterConfig)] != [(f.name, f.default) for f in SCHEMA]:
@@ -352,6 +381,24 @@ class ConfigStore:
         return int(suffix) if suffix.isdigit() else None
 
     # -- writing ---------------------------------------------------------------------------
+    def allow_task_modules(self, modules: Sequence[str], *, comment: str) -> int:
+        """Add `modules` to allowed_task_modules (a private embedded mesh running its user's own
+        task, a test mesh); return the version in force. Idempotent."""
+        try:
+            return self._allow(modules, comment)
+        except ConfigConflict:  # someone changed the config meanwhile: once more, on top of theirs
+            return self._allow(modules, comment)
+
+    def _allow(self, modules: Sequence[str], comment: str) -> int:
+        current, version, _ = self.get()
+        if current.task_module_allowlist is None:  # '*': anything goes already
+            return version
+        missing = [m for m in modules if m not in current.allowed_task_modules]
+        if not missing:
+            return version
+        return self.set({"allowed_task_modules": [*current.allowed_task_modules, *missing]},
+                        expected_version=version, comment=comment)
+
     def set(self, changes: Mapping[str, object], *, expected_version: int, comment: str = "") -> int:
         """Apply `changes` (CLI strings or values) to version `expected_version` and store the
         result as the next version, in one compare-and-set txn; return the new version.

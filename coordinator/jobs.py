@@ -33,6 +33,7 @@ from mesh.coordinator.store import (
 __all__ = [
     "JobSpec", "JobStore", "JOB_STATES", "TERMINAL_STATES", "CODECS",
     "MIN_CHUNK_SIZE", "MAX_CHUNK_SIZE", "DEFAULT_CHUNK_SIZE",
+    "MAX_INPUTS", "MAX_PATH_LENGTH", "MAX_PARAMS_BYTES", "MAX_TASK_LENGTH", "MAX_SPEC_BYTES",
 ]
 
 JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
@@ -41,6 +42,12 @@ CODECS = ("auto", "none", "lz4", "zstd")
 MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 256 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 1024 * 1024
+# Bounds on what one spec may ask for (a spec is one store value and travels to every daemon):
+MAX_INPUTS = 10_000              # entries in `inputs`; a glob or a directory counts once, however many files
+MAX_PATH_LENGTH = 4096           # characters in one input or in `out` (Linux PATH_MAX)
+MAX_PARAMS_BYTES = 64 * 1024     # `params` as compact JSON: sent to every worker with the job
+MAX_TASK_LENGTH = 256            # characters in `task`
+MAX_SPEC_BYTES = 1024 * 1024     # the whole spec as JSON; etcd refuses requests over 1.5 MiB by default
 _TASK_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 _TASK_BUILTIN = re.compile(r"[a-z_]+")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -49,6 +56,19 @@ _RACE_RETRIES = 10  # read-then-CAS loops give up after this many lost races in 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _path_problems(name: str, path: str) -> list[str]:
+    """The bounds and the '..' rule of one input or output path (`name` as messages show it).
+    '..' is refused outright: the daemons check paths against the cluster's input/output roots,
+    and a path that climbs out of where it appears to be is a way around such a check."""
+    if len(path) > MAX_PATH_LENGTH:
+        return [f"{name} must be at most {MAX_PATH_LENGTH} characters (got {len(path)}: {path[:60]!r}...)"]
+    if "\0" in path:
+        return [f"{name} must not contain a NUL character (got {path!r})"]
+    if ".." in path.split("/"):
+        return [f"{name}: a path with '..' is refused: give the path without it (got {path!r})"]
+    return []
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,31 +95,48 @@ class JobSpec:
         out: list[tuple[str, str]] = []
         inputs = self.inputs
         if isinstance(inputs, str):
-            out.append(("inputs", f"inputs must be a list of paths or globs, not a single string (got {inputs!r})"))
+            out.append(("inputs", "inputs must be a list of paths or globs, not a single string "
+                                  f"(got {_shorten(repr(inputs))})"))
         elif not isinstance(inputs, tuple):
             out.append(("inputs", f"inputs must be a list of paths or globs (got {type(inputs).__name__})"))
         elif not inputs:
             out.append(("inputs", "inputs must name at least one path or glob (got [])"))
+        elif len(inputs) > MAX_INPUTS:
+            out.append(("inputs", f"inputs must have at most {MAX_INPUTS} entries (got {len(inputs)}): "
+                                  "name directories or globs instead of single files"))
         else:
-            out += [("inputs", f"inputs[{i}] must be a non-empty string (got {p!r})")
-                    for i, p in enumerate(inputs) if not isinstance(p, str) or not p]
+            for i, p in enumerate(inputs):
+                if not isinstance(p, str) or not p:
+                    out.append(("inputs", f"inputs[{i}] must be a non-empty string (got {p!r})"))
+                else:
+                    out += [("inputs", m) for m in _path_problems(f"inputs[{i}]", p)]
         task = self.task
-        if not isinstance(task, str) or not (_TASK_PATH.fullmatch(task) or _TASK_BUILTIN.fullmatch(task)):
+        if isinstance(task, str) and len(task) > MAX_TASK_LENGTH:
+            out.append(("task", f"task must be at most {MAX_TASK_LENGTH} characters (got {len(task)}: "
+                                f"{task[:60]!r}...)"))
+        elif not isinstance(task, str) or not (_TASK_PATH.fullmatch(task) or _TASK_BUILTIN.fullmatch(task)):
             out.append(("task", "task must be 'package.module:function' or a built-in name matching "
                                 f"[a-z_]+ (got {self.task!r})"))
         if not isinstance(self.params, dict):
             out.append(("params", f"params must be a JSON object (got {type(self.params).__name__})"))
         else:
             try:
-                same = json.loads(json.dumps(self.params, allow_nan=False)) == self.params
-            except (TypeError, ValueError) as exc:
-                same, why = False, str(exc)
+                text = json.dumps(self.params, allow_nan=False, separators=(",", ":"))
+                same = json.loads(text) == self.params
+            except (TypeError, ValueError, RecursionError) as exc:
+                text, same, why = "", False, str(exc)
             else:
                 why = "string keys only, lists not tuples"
             if not same:
-                out.append(("params", f"params must survive a JSON round trip unchanged ({why}) (got {self.params!r})"))
+                out.append(("params", f"params must survive a JSON round trip unchanged ({why}) "
+                                      f"(got {_shorten(repr(self.params))})"))
+            elif len(text.encode()) > MAX_PARAMS_BYTES:
+                out.append(("params", f"params must be at most {MAX_PARAMS_BYTES} bytes (64 KiB) as JSON "
+                                      f"(got {len(text.encode())}): pass big data as an input file instead"))
         if not isinstance(self.out, str) or not self.out:
             out.append(("out", f"out must be a non-empty output directory path (got {self.out!r})"))
+        else:
+            out += [("out", m) for m in _path_problems("out", self.out)]
         cs = self.chunk_size
         if not _is_int(cs):
             out.append(("chunk_size", f"chunk_size must be an int number of bytes (got {cs!r})"))
@@ -112,6 +149,9 @@ class JobSpec:
         mfr = self.max_failed_records
         if not _is_int(mfr) or mfr < 0:
             out.append(("max_failed_records", f"max_failed_records must be an int >= 0 (got {mfr!r})"))
+        if not out and (size := len(self.to_json().encode())) > MAX_SPEC_BYTES:
+            out.append(("inputs", f"the job spec must be at most {MAX_SPEC_BYTES} bytes (1 MiB) as JSON (got "
+                                  f"{size}): name directories or globs instead of single files"))
         return out
 
     def problems(self) -> list[str]:
@@ -135,9 +175,12 @@ class JobSpec:
     def from_json(cls, text: str | bytes) -> "JobSpec":
         """Parse and validate; raise InvalidSpec with every problem (bad JSON, unknown or
         missing fields, broken rules) at once."""
+        if len(text) > MAX_SPEC_BYTES:  # before parsing: a valid spec's canonical JSON is ASCII
+            raise InvalidSpec([f"job spec must be at most {MAX_SPEC_BYTES} bytes (1 MiB) as JSON "
+                               f"(got {len(text)})"])
         try:
             doc = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidSpec([f"job spec must be valid JSON ({exc})"]) from exc
         if not isinstance(doc, dict):
             raise InvalidSpec([f"job spec must be a JSON object (got {type(doc).__name__})"])
@@ -151,6 +194,11 @@ class JobSpec:
         if problems:
             raise InvalidSpec(problems)
         return spec
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    """A value as a message shows it: cut after `limit` characters (a bound on message size)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _dumps(doc: object) -> bytes:

@@ -126,15 +126,18 @@ def cmd_run(args) -> int:
     from mesh.coordinator.embedded import open_embedded_store
     from mesh.daemon import Daemon, DaemonConfig
     from mesh.logs import configure_logging
+    from mesh.tasks import task_module
 
     configure_logging("info" if args.verbose else "warning")
     state_dir = args.state_dir or tempfile.mkdtemp(prefix="chunkmesh-run-")
     store = open_embedded_store(state_dir)
+    client = Client(store=store)
+    if (module := task_module(args.task)) is not None:  # a private mesh running its user's own task
+        client.allow_task_modules(module, comment="meshctl run: the task of this one-shot job")
     daemon = Daemon(store, DaemonConfig(workers=args.workers, node_id=args.node_id or "", state_dir=state_dir,
                                         log_level="info" if args.verbose else "warning"))
     try:
         daemon.start()
-        client = Client(store=store)
         job = client.submit(args.inputs, args.task, dict(args.param), out=args.out, **_job_options(args))
         return _wait_with_progress(job, args)
     finally:
@@ -317,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from mesh.cli_config import add_config_commands  # here: cli_config imports this module
     add_config_commands(sub, common)
+    from mesh.cli_keys import add_keys_commands
+    add_keys_commands(sub)
     return parser
 
 

@@ -26,6 +26,16 @@ POLL_S = 0.1          # steady-state poll of a job's state
 FIRST_POLL_S = 0.005  # short jobs finish in tens of ms: start fast, back off to POLL_S
 
 
+def _absolute(path) -> str:
+    """An absolute, normalised path. One with a '..' component is only made absolute, not
+    normalised: validation then refuses it, naming it as typed, instead of this resolving it
+    silently (the daemons check paths against the cluster's roots)."""
+    path = str(path)
+    if ".." in path.split("/"):
+        return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    return os.path.abspath(path)
+
+
 class Job:
     """A submitted job. Cheap to create; every method reads the store."""
 
@@ -122,6 +132,12 @@ class Client:
         """The cluster config now (defaults when none was ever written)."""
         return ConfigStore(self.store, self.jobs.prefix).get()[0]
 
+    def allow_task_modules(self, *modules: str, comment: str = "") -> int:
+        """Let every daemon import tasks from `modules` (and their submodules): adds them to the
+        cluster config's allowed_task_modules, which is built-ins only by default. Returns the
+        config version in force."""
+        return ConfigStore(self.store, self.jobs.prefix).allow_task_modules(modules, comment=comment)
+
     def cluster_config_version(self) -> int:
         return ConfigStore(self.store, self.jobs.prefix).get()[1]
 
@@ -135,14 +151,19 @@ class Client:
             config = config or self.cluster_config()
             chunk_size = config.default_chunk_size if chunk_size is None else chunk_size
             codec = config.default_codec if codec is None else codec
-        return JobSpec(inputs=tuple(os.path.abspath(str(p)) for p in inputs), task=task, params=dict(params or {}),
-                       out=os.path.abspath(str(out)), chunk_size=chunk_size, codec=codec,
+        return JobSpec(inputs=tuple(_absolute(p) for p in inputs), task=task, params=dict(params or {}),
+                       out=_absolute(out), chunk_size=chunk_size, codec=codec,
                        max_failed_records=max_failed_records)
 
     def submit_nowait(self, inputs, task: str, params: dict | None = None, *, out: str, **options) -> Job:
-        """Submit now or raise MeshBusy (too many pending jobs) / InvalidSpec (all problems)."""
-        config = self.cluster_config()  # one read for the defaults and the pending limit
+        """Submit now or raise MeshBusy (too many pending jobs) / InvalidSpec (all problems) /
+        PathNotAllowed (an input or `out` outside the cluster's roots, as resolved here; the
+        daemon checks again, file by file, and is the one that decides)."""
+        from mesh.paths import check_job_paths
+
+        config = self.cluster_config()  # one read for the defaults, the pending limit and the roots
         spec = self.make_spec(inputs, task, params, out=out, config=config, **options)
+        check_job_paths(spec.validate(), config.input_roots, config.output_roots)
         limit = self.max_pending if self.max_pending is not None else config.max_pending_jobs
         return Job(self.jobs, self.jobs.submit(spec, max_pending=limit))
 

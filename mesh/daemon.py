@@ -15,19 +15,21 @@ from pathlib import Path
 
 import orjson
 import psutil
-import structlog
 import zmq
 
 from mesh import __version__
 from mesh.coordinator.connect import default_state_dir
-from mesh.coordinator.errors import Compacted, JobNotFound, LeaseNotFound, StoreError
+from mesh.coordinator.errors import Compacted, InvalidSpec, JobNotFound, LeaseNotFound, StoreError
 from mesh.coordinator.jobs import JobStore
 from mesh.coordinator.store import Store
 from mesh.dispatcher import Dispatcher
-from mesh.logs import configure_logging
+from mesh.errors import InsecureBind, KeyFileError, MeshError
+from mesh.logs import configure_logging, get_logger
 from mesh.node_config import NodeConfig
 from mesh.owner import Owner, OwnerSettings
 from mesh.pool import WorkerPool, available_cores
+from mesh.ratelimit import LogRateLimiter
+from mesh.security import Authenticator, CurveSettings, is_loopback, load_allowlist
 from mesh.worker import WorkerConfig
 
 
@@ -46,6 +48,8 @@ class DaemonConfig:
     advertise: str | None = None        # host peers reach our dispatcher at (when bound to a wildcard)
     prefix: str = "chunkmesh/"
     state_dir: str | None = None        # config cache (default: $MESH_STATE_DIR/nodes/<node id>)
+    curve: CurveSettings | None = None  # keys: encrypted, authenticated data plane (mesh.security)
+    insecure_bind: bool = False         # allow a non-loopback bind without keys (a trusted network)
 
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -62,17 +66,21 @@ class Daemon:
         self.cfg = cfg
         self.node_id = cfg.resolved_node_id()
         self.jobs = JobStore(store, prefix=cfg.prefix)
-        self.log = structlog.get_logger("mesh.daemon").bind(node=self.node_id)
+        self.log = get_logger("mesh.daemon").bind(node=self.node_id)
         state_dir = Path(cfg.state_dir) if cfg.state_dir else default_state_dir() / "nodes" / self.node_id
         self.node_config = NodeConfig(store, cfg.prefix, state_dir / "config.json", log=self.log)
         self.config_source = self.node_config.load_initial()
         config = self.node_config.config
         self.window = _pick(cfg.window, config.window)  # credits each worker announces
         self.ctx = zmq.Context()
-        self.dispatcher = Dispatcher(self.ctx, node_id=self.node_id, bind=cfg.bind, advertise=cfg.advertise)
+        self.keys, self.authenticator = self._secure_transport(cfg)
+        self.dispatcher = Dispatcher(self.ctx, node_id=self.node_id, bind=cfg.bind, advertise=cfg.advertise,
+                                     curve=self.keys)
         self.pool = WorkerPool(
             WorkerConfig(node_id=self.node_id, slot=0, core=None, endpoint=self.dispatcher.endpoint,
-                         window=self.window, log_level=_pick(cfg.log_level, config.log_level)),
+                         window=self.window, log_level=_pick(cfg.log_level, config.log_level),
+                         curve_key=cfg.curve.key_file if cfg.curve else None,
+                         allowed_task_modules=config.task_module_allowlist),
             workers=_pick(cfg.workers, config.workers_per_node), chunk_time_limit_s=config.chunk_time_limit_s,
             on_lost=self.dispatcher.worker_lost, on_retired=self.dispatcher.worker_retired)
         self.owners: dict[str, Owner] = {}
@@ -88,6 +96,48 @@ class Daemon:
         self._owners_lock = threading.Lock()
         self._thread = threading.Thread(target=self._control_loop, name="control", daemon=True)
         self.node_key = f"{cfg.prefix}nodes/{self.node_id}"
+
+    def _secure_transport(self, cfg: DaemonConfig):
+        """CURVE keys and the ZAP handler, or plaintext, which only loopback gets by default:
+        anyone who can reach the port could otherwise read chunks and inject results."""
+        host = cfg.bind.split("://", 1)[-1].rsplit(":", 1)[0]
+        if cfg.curve is None:
+            if not is_loopback(host) and not cfg.insecure_bind:
+                raise InsecureBind(f"binding the dispatcher to {host} without CURVE keys would let anyone who reaches "
+                                   "the port read chunks and inject results: configure keys (meshctl keys generate; "
+                                   "meshd --curve-key/--curve-allow) or, on a trusted network only, pass --insecure-bind")
+            if is_loopback(host):
+                self.log.info("transport_plaintext", bind=host, note="loopback only")
+            else:
+                self.log.warning("transport_plaintext", bind=host, note="INSECURE: plaintext on a network address")
+            return None, None
+        keys = cfg.curve.keypair()
+        named = load_allowlist(cfg.curve.allow_dir).get(keys.public)
+        if named != self.node_id:  # our own workers would be refused: say so now, not as a silent hang
+            raise KeyFileError(
+                f"this node's public key is not in the allowlist {cfg.curve.allow_dir}: copy its NAME.key there"
+                if named is None else
+                f"node {self.node_id!r} has the key named {named!r} in {cfg.curve.allow_dir}: a node's key must be "
+                f"named after its node id (meshctl keys generate {self.node_id}, or meshd --node-id {named})")
+        denied_log = LogRateLimiter(self.log, "peer_denied")  # a port scan must not flood the log
+        authenticator = Authenticator(self.ctx, cfg.curve.allow_dir,
+                                      on_denied=lambda **kw: denied_log.warning(kw["reason"], **kw))
+        self.log.info("transport_curve", bind=host, public_key=keys.public.decode(),
+                      allowed_keys=len(authenticator.allowed), allow_dir=cfg.curve.allow_dir)
+        return keys, authenticator
+
+    def reload_keys(self) -> None:
+        """Re-read the CURVE allowlist (SIGHUP): admit a new node, shut out a retired one."""
+        if self.authenticator is None:
+            return
+        before = set(self.authenticator.allowed.values())
+        try:
+            self.authenticator.reload()
+        except MeshError as exc:
+            self.log.error("allowlist_invalid_kept_previous", error=str(exc))
+            return
+        after = set(self.authenticator.allowed.values())
+        self.log.info("allowlist_reloaded", added=sorted(after - before), removed=sorted(before - after))
 
     @property
     def config_version(self) -> int:
@@ -150,6 +200,8 @@ class Daemon:
                 self.log.warning("lease_revoke_failed", error=str(exc))
         self.pool.stop()  # first: workers stopping must not look like deaths to restart
         self.dispatcher.stop()
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.ctx.term()
         self.log.info("daemon_stopped")
 
@@ -301,6 +353,9 @@ class Daemon:
         if self.cfg.workers is None and config.workers_per_node != previous.workers_per_node:
             self.pool.resize(config.workers_per_node)
         self.pool.chunk_time_limit_s = config.chunk_time_limit_s
+        if config.task_module_allowlist != previous.task_module_allowlist:  # workers check it too
+            self.pool.set_task_modules(config.task_module_allowlist)
+            self.dispatcher.set_task_modules(config.task_module_allowlist)
         if self.cfg.log_level is None and config.log_level != previous.log_level:
             configure_logging(config.log_level)
         self._record_dirty.set()  # peers and `meshctl config status` see the version we run
@@ -357,7 +412,7 @@ class Daemon:
     def _update_peers(self) -> None:
         """Our workers serve every remote daemon that owns running jobs (peer to peer); nobody's
         dispatcher gives chunks to the workers of a draining node."""
-        peers = sorted(r["endpoint"] for n, r in self.nodes.items()
+        peers = sorted((r["endpoint"], r.get("curve_public_key")) for n, r in self.nodes.items()
                        if n != self.node_id and r.get("jobs") and isinstance(r.get("endpoint"), str))
         self.dispatcher.set_peers(peers)
         draining = {n for n, r in self.nodes.items() if n != self.node_id and r.get("state") == "draining"}
@@ -384,11 +439,15 @@ class Daemon:
             spec = self.jobs.get_spec(job_id)
         except JobNotFound:
             return True
-        modules = config.allowed_task_modules
+        except InvalidSpec as exc:  # written to the store around the client, or breaks a newer rule
+            self.log.warning("job_spec_invalid", job=job_id, error=str(exc))
+            self.jobs.finish(job_id, epoch, "failed", reason=f"invalid job spec: {exc}")
+            return True
         owner = Owner(job_id=job_id, epoch=epoch, spec=spec, jobs=self.jobs, dispatcher=self.dispatcher,
                       node_id=self.node_id, on_exit=self._owner_exited,
                       settings=_pick(self.cfg.owner, OwnerSettings(commit_interval_s=config.commit_interval_s)),
-                      allowed_modules=None if "*" in modules else tuple(modules))
+                      allowed_modules=config.task_module_allowlist,
+                      input_roots=config.input_roots, output_roots=config.output_roots)
         with self._owners_lock:
             self.owners[job_id] = owner
         owner.start()
@@ -421,11 +480,15 @@ class Daemon:
         record = {
             "id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
             "endpoint": self.dispatcher.endpoint, "cores": pool.cores, "workers": pool.workers,
+            "transport": "curve" if self.keys else "plaintext",
+            "curve_public_key": self.keys.public.decode() if self.keys else None,
             "workers_alive": pool.alive, "worker_restarts": pool.restarts, "version": __version__,
             "state": "draining" if self.draining else "ready", "config_version": self.config_version, "jobs": jobs,
             "load": {"cpu_percent": psutil.cpu_percent(interval=None), "memory_mb": self._tree_rss_mb(),
                      "in_flight_chunks": stats.in_flight_chunks, "chunks_done": stats.results},
-            "in_flight_chunks": stats.in_flight_chunks, "bad_frames": stats.bad_frames, "updated_at": time.time(),
+            "in_flight_chunks": stats.in_flight_chunks, "bad_frames": stats.bad_frames,
+            "stale_results": stats.stale_results,
+            "peers_denied": self.authenticator.denied if self.authenticator else 0, "updated_at": time.time(),
         }
         self.store.put(self.node_key, orjson.dumps(record), lease=self.lease.id)
 

@@ -21,22 +21,22 @@ EXIT_UNAVAILABLE = 3  # the coordinator could not be opened
 def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: str | None = None,
                log_level: str | None = None, lease_ttl_s: float | None = None, state_dir: str | None = None,
                drain_timeout_s: float = 30.0, config_file: str | None = None, bind: str | None = None,
-               advertise: str | None = None) -> int:
+               advertise: str | None = None, curve_key: str | None = None, curve_allow: str | None = None,
+               insecure_bind: bool = False) -> int:
     from mesh.sdnotify import Notifier
     notifier = Notifier.from_env(unset_environment=True)  # before any child inherits NOTIFY_SOCKET
 
     from mesh.forkserver import start_forkserver
     start_forkserver()  # its preload overlaps the imports below
 
-    import structlog
-
     from mesh.coordinator.connect import describe, open_store
     from mesh.daemon import Daemon, DaemonConfig
-    from mesh.errors import StoreError
-    from mesh.logs import configure_logging
+    from mesh.errors import MeshError, StoreError
+    from mesh.security import CurveSettings
+    from mesh.logs import configure_logging, get_logger
 
     configure_logging(log_level or "info")
-    log = structlog.get_logger("meshd")
+    log = get_logger("meshd")
     try:
         store = open_store(coordinator, connect=False)  # etcd down: start on the cached config
     except StoreError as exc:
@@ -64,9 +64,20 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
         print(f"meshd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     bind_url = f"tcp://{bind}:*" if bind else "tcp://127.0.0.1:*"
-    daemon = Daemon(store, DaemonConfig(**{"workers": workers, "node_id": node_id or "", "log_level": log_level,
-                                           "lease_ttl_s": lease_ttl_s, "state_dir": state_dir, "bind": bind_url,
-                                           "advertise": advertise, **overrides}), notifier=notifier)
+    if bool(curve_key) != bool(curve_allow):
+        print("meshd: CURVE needs both --curve-key (this node's NAME.key_secret) and --curve-allow "
+              "(the directory of allowed NAME.key files)", file=sys.stderr)
+        return EXIT_CONFIG
+    curve = CurveSettings(key_file=curve_key, allow_dir=curve_allow) if curve_key else None
+    try:
+        daemon = Daemon(store, DaemonConfig(**{"workers": workers, "node_id": node_id or "", "log_level": log_level,
+                                               "lease_ttl_s": lease_ttl_s, "state_dir": state_dir, "bind": bind_url,
+                                               "advertise": advertise, "curve": curve, "insecure_bind": insecure_bind,
+                                               **overrides}), notifier=notifier)
+    except MeshError as exc:  # keys unreadable, allowlist broken, plaintext on a network address
+        print(f"meshd: {exc}", file=sys.stderr)
+        store.close()
+        return EXIT_CONFIG
     daemon.start()
     ready = False
     while True:
@@ -80,6 +91,7 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
             flags["reload"] = False
             stop.clear()
             notifier.reloading()
+            daemon.reload_keys()
             if config_file:
                 try:
                     daemon.apply_local(read_local_config(config_file))
@@ -145,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address the dispatcher binds (default 127.0.0.1: one host only); e.g. 0.0.0.0 with --advertise")
     p.add_argument("--advertise", default=None, metavar="HOST",
                    help="host name or address other nodes reach this one at (needed with a wildcard --bind)")
+    p.add_argument("--curve-key", default=os.environ.get("MESH_CURVE_KEY"), metavar="FILE",
+                   help="this node's secret key (NAME.key_secret from `meshctl keys generate NAME`, NAME = node id): "
+                        "encrypts and authenticates the data plane (default: $MESH_CURVE_KEY)")
+    p.add_argument("--curve-allow", default=os.environ.get("MESH_CURVE_ALLOW"), metavar="DIR",
+                   help="directory of the public keys (NAME.key) of every node allowed to connect; re-read on "
+                        "SIGHUP (default: $MESH_CURVE_ALLOW)")
+    p.add_argument("--insecure-bind", action="store_true",
+                   help="allow --bind to a network address without CURVE keys (plaintext: trusted networks only)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, drain for at most this long before exiting (default 30)")
     p.add_argument("--config", default=None, metavar="FILE",
@@ -158,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_daemon(args.coordinator, workers=args.workers, node_id=args.node_id, log_level=args.log_level,
                       lease_ttl_s=args.lease_ttl, state_dir=args.state_dir, drain_timeout_s=args.drain_timeout,
-                      config_file=args.config, bind=args.bind, advertise=args.advertise)
+                      config_file=args.config, bind=args.bind, advertise=args.advertise,
+                      curve_key=args.curve_key, curve_allow=args.curve_allow, insecure_bind=args.insecure_bind)
 
 
 if __name__ == "__main__":

@@ -21,15 +21,18 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import structlog
 import zmq
 
 from mesh import protocol
 from mesh.codecs import frames
 from mesh.codecs.errors import FrameError
 from mesh.codecs.frames import Header, Kind
+from mesh.security import Keypair, secure_server
+from mesh.ratelimit import LogRateLimiter
+from mesh.logs import get_logger
 
 INTAKE_HWM = 2
+ROUTER_RCVHWM = 128
 MAX_RECV_BATCH = 256
 
 
@@ -61,10 +64,11 @@ class JobRoute:
 
 @dataclass
 class WorkerLink:
-    identity: bytes
+    identity: bytes      # of one connection: node/slot/pid/connection
     credits: int
     node: str
     slot: int = 0
+    pid: int = 0
     outstanding: OrderedDict = field(default_factory=OrderedDict)
     known_jobs: set = field(default_factory=set)
 
@@ -85,15 +89,19 @@ class DispatcherStatistics:
 
 class Dispatcher:
     def __init__(self, ctx: zmq.Context, *, node_id: str, bind: str = "tcp://127.0.0.1:*",
-                 max_blame: int = 3, advertise: str | None = None):
+                 max_blame: int = 3, advertise: str | None = None, curve: Keypair | None = None):
         self.ctx = ctx
         self.node_id = node_id
         self.max_blame = max_blame
         self.intake_address = f"inproc://mesh-intake-{id(self):x}"
         self.router = ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a worker's new connection replaces its old one
+        self.router.setsockopt(zmq.MAXMSGSIZE, frames.MAX_PAYLOAD)  # a peer cannot make us allocate more
+        self.router.setsockopt(zmq.RCVHWM, ROUTER_RCVHWM)  # per connection: a worker has <= 64 results in flight
         self.router.setsockopt(zmq.LINGER, 0)
+        self.curve = curve
+        if curve is not None:
+            secure_server(self.router, curve)  # peers are admitted by the context's ZAP handler
         self.router.bind(bind)
         self.endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
         if advertise:  # bound to a wildcard: peers need a reachable host
@@ -110,10 +118,11 @@ class Dispatcher:
         self.jobs: dict[str, JobRoute] = {}
         self.workers: dict[bytes, WorkerLink] = {}
         self.retry: deque[Assignment] = deque()
-        self.peers: list[str] = []
+        self.peers: list[tuple[str, str | None]] = []  # (endpoint, CURVE public key)
         self.draining: frozenset[str] = frozenset()
         self._stats = DispatcherStatistics(0, 0, 0, 0, 0, 0, 0, 0)
-        self.log = structlog.get_logger("mesh.dispatcher").bind(node=node_id)
+        self.log = get_logger("mesh.dispatcher").bind(node=node_id)
+        self._bad_frame_log = LogRateLimiter(self.log, "bad_frame_dropped")  # lines per FrameError reason
 
     # -- API for other threads: each call is queued and applied by the dispatcher thread --
     def start(self) -> None:
@@ -140,9 +149,15 @@ class Dispatcher:
         """Nodes being drained: their workers keep what they hold but get no new chunks."""
         self._command(("set_draining", frozenset(nodes)))
 
-    def set_peers(self, endpoints: list[str]) -> None:
-        """The dispatchers of remote owners; our workers serve them too (peer to peer)."""
-        self._command(("set_peers", sorted(endpoints)))
+    def set_peers(self, peers: list[tuple[str, str | None]]) -> None:
+        """The dispatchers of remote owners, as (endpoint, CURVE public key or None); our
+        workers serve them too (peer to peer)."""
+        self._command(("set_peers", sorted(peers)))
+
+    def set_task_modules(self, modules: tuple[str, ...] | None) -> None:
+        """The cluster's task allowlist changed: our own workers enforce it too (a remote owner,
+        whatever its config says, cannot make them import anything else)."""
+        self._command(("set_task_modules", modules))
 
     def statistics(self) -> DispatcherStatistics:
         return self._stats
@@ -216,19 +231,30 @@ class Dispatcher:
                 self.jobs.pop(arg, None)
                 self.retry = deque(a for a in self.retry if a.header.job_id != arg)
             elif name == "worker_lost":
-                self._lose_worker(arg[0], reason=arg[1])
+                for identity in self._connections_of(arg[0]):
+                    self._lose_worker(identity, reason=arg[1])
             elif name == "worker_retired":
-                self._lose_worker(arg, blame=False)
+                for identity in self._connections_of(arg):
+                    self._lose_worker(identity, blame=False)
             elif name == "node_lost":
                 for identity in [i for i, link in self.workers.items() if link.node == arg]:
                     self._lose_worker(identity)
             elif name == "set_draining":
                 self.draining = arg
+            elif name == "set_task_modules":
+                message = protocol.control("allow", modules=None if arg is None else list(arg))
+                for link in self.workers.values():
+                    if link.node == self.node_id:
+                        self._send_control(link.identity, message)
             elif name == "set_peers" and arg != self.peers:
                 self.peers = arg
                 for link in self.workers.values():
                     if link.node == self.node_id:
                         self._send_peers(link.identity)
+
+    def _connections_of(self, worker: bytes) -> list[bytes]:
+        """The links of one worker process (named node/slot/pid), whatever their connection."""
+        return [i for i in self.workers if i.startswith(worker + b"/")]
 
     def _free_credits(self) -> int:
         return sum(link.credits for link in self.workers.values() if link.node not in self.draining)
@@ -241,53 +267,79 @@ class Dispatcher:
                 return
             identity = msg[0].bytes
             try:
-                header, payload = frames.decode([m.buffer for m in msg[1:]])
+                if len(msg) != 3:
+                    raise FrameError("bad_frame_count", f"a message must have 2 frames, header and payload "
+                                                        f"(got {len(msg) - 1})")
+                header = frames.decode_header(msg[1].buffer)
                 if header.kind == Kind.RESULT:
-                    self._on_result(identity, header, payload)
+                    assignment = self._expected(identity, header)
+                    if assignment is None:  # before its payload is checksummed or inflated (zip bombs)
+                        self._stats.stale_results += 1
+                    else:
+                        self._on_result(identity, header, frames.decode_payload(header, msg[2].buffer))
                 elif header.kind == Kind.CONTROL:
-                    self._on_control(identity, header)
+                    frames.decode_payload(header, msg[2].buffer)
+                    self._on_control(identity, header, key_name=self._key_name(msg[1]))
                 else:
                     raise FrameError("bad_kind", f"the dispatcher does not accept {header.kind.name} messages")
-            except FrameError as exc:
+            except FrameError as exc:  # counted always, logged rate-limited (a flood must not flood the log)
                 self._stats.bad_frames += 1
-                self.log.warning("bad_frame_dropped", peer=identity[:64], reason=exc.reason, error=str(exc),
-                                 count=self._stats.bad_frames)
+                self._bad_frame_log.warning(exc.reason, peer=identity[:64], reason=exc.reason, error=str(exc)[:300],
+                                            count=self._stats.bad_frames)
 
-    def _on_control(self, identity: bytes, header: Header) -> None:
+    def _key_name(self, frame: zmq.Frame) -> str | None:
+        """With CURVE, the name of the key the peer authenticated with (set by the ZAP handler)."""
+        if self.curve is None:
+            return None
+        try:
+            return frame.get("User-Id")
+        except zmq.ZMQError:
+            return ""
+
+    def _on_control(self, identity: bytes, header: Header, key_name: str | None = None) -> None:
         body = protocol.body_of(header)
         if body.get("type") != "ready":
             raise FrameError("bad_control", f"unexpected control message {body.get('type')!r} from a worker")
-        credits, node, slot = body.get("credits"), body.get("node"), body.get("slot")
-        if not isinstance(credits, int) or not 1 <= credits <= 64:
+        credits, node, slot, pid = body.get("credits"), body.get("node"), body.get("slot"), body.get("pid")
+        if not isinstance(credits, int) or isinstance(credits, bool) or not 1 <= credits <= 64:  # JSON true is no count
             raise FrameError("bad_control", f"ready.credits must be an integer in 1..64 (got {credits!r})")
-        if not isinstance(node, str) or not isinstance(slot, int):
-            raise FrameError("bad_control", "ready must name the worker's node (str) and slot (int)")
-        if identity in self.workers:
-            # A known worker opened a new connection (it dropped ours and came back, e.g. when a
-            # peers update flapped): what we sent on the old one died with it. Re-send, blame none.
-            self._lose_worker(identity, blame=False)
-        for old in [i for i, link in self.workers.items() if (link.node, link.slot) == (node, slot)]:
-            self._lose_worker(old)  # that slot's previous process died; it was restarted
-        self.workers[identity] = WorkerLink(identity=identity, credits=credits, node=node, slot=slot)
+        if not isinstance(node, str) or not all(isinstance(n, int) and not isinstance(n, bool) for n in (slot, pid)):
+            raise FrameError("bad_control", "ready must name the worker's node (str), slot and pid (int)")
+        if key_name is not None and key_name != node:
+            raise FrameError("impostor", f"a worker claims node {node!r} but its key is {key_name!r}: "
+                                         "a node's workers must use that node's key (NAME.key_secret, NAME = node id)")
+        for old, link in [(i, l) for i, l in self.workers.items() if (l.node, l.slot) == (node, slot)]:
+            # The same process on a new connection (it dropped ours and came back, e.g. when a
+            # peers update flapped): what we sent on the old one died with it; re-send, blame
+            # none. Another pid: the slot's previous process died and was restarted.
+            self._lose_worker(old, blame=link.pid != pid)
+        self.workers[identity] = WorkerLink(identity=identity, credits=credits, node=node, slot=slot, pid=pid)
         if node == self.node_id and self.peers:
             self._send_peers(identity)
         self.log.debug("worker_joined", worker=identity, credits=credits)
 
     def _send_peers(self, identity: bytes) -> None:
+        self._send_control(identity, protocol.control("peers", endpoints=[e for e, _ in self.peers],
+                                                      keys={e: k for e, k in self.peers if k}))
+
+    def _send_control(self, identity: bytes, message: list) -> None:
         try:
-            protocol.send(self.router, protocol.control("peers", endpoints=self.peers), identity=identity,
-                          flags=zmq.NOBLOCK)
+            protocol.send(self.router, message, identity=identity, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            self.log.info("peers_not_sent", worker=identity, error=str(exc))
+            self.log.info("control_not_sent", worker=identity, error=str(exc))
+
+    def _expected(self, identity: bytes, header: Header) -> Assignment | None:
+        """The assignment a result answers: sent on this very connection, same job, chunk, epoch
+        and attempt. Anything else (a replay, a late answer to a re-sent chunk) is stale."""
+        link = self.workers.get(identity)
+        assignment = link.outstanding.get((header.job_id, header.chunk_id)) if link else None
+        if assignment is None or (assignment.header.attempt, assignment.header.epoch) != (header.attempt, header.epoch):
+            return None
+        return assignment
 
     def _on_result(self, identity: bytes, header: Header, payload) -> None:
-        link = self.workers.get(identity)
-        assignment = link.outstanding.pop((header.job_id, header.chunk_id), None) if link else None
-        if assignment is None or assignment.header.attempt != header.attempt:
-            if assignment is not None:  # not the attempt we sent: put it back
-                link.outstanding[assignment.key] = assignment
-            self._stats.stale_results += 1
-            return
+        link = self.workers[identity]
+        del link.outstanding[(header.job_id, header.chunk_id)]
         link.credits += 1
         self._stats.results += 1
         route = self.jobs.get(header.job_id)

@@ -6,12 +6,16 @@
     ├── FrameError(reason)          a malformed frame on a socket: dropped and counted
     ├── CodecError(encoding)        corrupt or truncated compressed data
     ├── InvalidSpec(problems)       a job spec breaks a rule (all problems listed)
-    │   └── InvalidConfig           a cluster config breaks a rule (all problems listed)
+    │   ├── InvalidConfig           a cluster config breaks a rule (all problems listed)
+    │   └── PathNotAllowed(kind, path, real, roots)
+    │                               an input or output outside the cluster's roots (symlinks resolved)
     ├── ConfigVersionNotFound       rollback to a version that history no longer holds
     ├── JobNotFound(job_id)
     ├── NodeNotFound(node_id)       no daemon of that id is registered
     ├── MeshBusy(pending, limit)    backpressure: too many pending jobs; wait or raise the limit
-    ├── TaskError(task)             a task cannot be loaded (unknown name, import failure)
+    ├── TaskError(task)             a task cannot be loaded (unknown name, import failure, not allowed)
+    ├── KeyFileError                a CURVE key file is missing, malformed or readable by others
+    ├── InsecureBind                plaintext data plane on a network address without --insecure-bind
     ├── InputError(path)            an input cannot be listed or read
     ├── OutputError(path)           the output directory cannot be written
     ├── JobFailed(job_id, state)    Job.wait/result on a job that ended failed or cancelled
@@ -49,8 +53,8 @@ from mesh.coordinator.errors import (
 
 __all__ = [
     "CodecError", "Compacted", "ConfigConflict", "ConfigVersionNotFound", "InvalidConfig", "FrameError", "InputError", "InvalidSpec", "JobFailed",
-    "JobNotFound", "LeaseNotFound", "NodeNotFound", "MeshBusy", "MeshError", "NotOwner", "OutputError",
-    "Shutdown", "StoreAuthError", "StoreError", "StoreUnavailable", "TaskError",
+    "InsecureBind", "JobNotFound", "KeyFileError", "LeaseNotFound", "NodeNotFound", "MeshBusy", "MeshError", "NotOwner", "OutputError",
+    "PathNotAllowed", "Shutdown", "StoreAuthError", "StoreError", "StoreUnavailable", "TaskError",
 ]
 
 
@@ -79,6 +83,23 @@ class OutputError(MeshError):
         self.path = path
 
 
+class PathNotAllowed(InvalidSpec):
+    """A job's input or output lies outside the cluster config's `input_roots` / `output_roots`
+    once symlinks are resolved. `kind` is "input" or "output"; `path` is the path as given or
+    listed, `real` where it resolves to, `roots` the roots in force. The daemon fails the job
+    with this message before reading or writing anything of it."""
+
+    def __init__(self, kind: str, path: str, real: str, roots: tuple[str, ...]):
+        noun = "output directory" if kind == "output" else "input"
+        where = path if real == path else f"{path} (resolves to {real})"
+        super().__init__([f"{noun} {where} is outside the {kind} roots {', '.join(roots)} (cluster config "
+                          f"{kind}_roots): use a path inside one of them, or ask an operator to add a root"])
+        self.kind = kind
+        self.path = path
+        self.real = real
+        self.roots = tuple(roots)
+
+
 class JobFailed(MeshError):
     """A job ended in `failed` or `cancelled` where the caller needed it `done`."""
 
@@ -87,6 +108,14 @@ class JobFailed(MeshError):
         self.job_id = job_id
         self.state = state
         self.reason = reason
+
+
+class KeyFileError(MeshError):
+    """A CURVE key file is missing, unreadable, malformed or readable by others."""
+
+
+class InsecureBind(MeshError):
+    """A plaintext dispatcher asked to listen on a network address without --insecure-bind."""
 
 
 class NodeNotFound(MeshError):

@@ -5,9 +5,28 @@ from __future__ import annotations
 import logging
 import sys
 
-import structlog
-
 LEVELS = ("debug", "info", "warning", "error")
+
+
+def _import_structlog():
+    """structlog.dev loads rich's traceback machinery when rich is installed: ~120 ms, a quarter
+    of a daemon's or meshctl's start-up here. We format exceptions ourselves (format_exc_info),
+    so rich is hidden while structlog loads ("import rich" raises ImportError); meshctl's own
+    progress bar and tables import rich when they need it. Every module gets its logger from
+    here, so this is the one place structlog is imported."""
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        import structlog
+        return structlog
+    sys.modules["rich"] = None  # type: ignore[assignment]
+    try:
+        import structlog
+    finally:
+        del sys.modules["rich"]
+    return structlog
+
+
+structlog = _import_structlog()
+get_logger = structlog.get_logger
 
 
 def configure_logging(level: str = "info", *, json: bool | None = None, stream=None) -> None:

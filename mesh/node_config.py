@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import structlog
 
 from mesh.coordinator.config import (
     ClusterConfig, ConfigStore, decode_document, read_config_cache, write_config_cache,
 )
 from mesh.coordinator.errors import InvalidConfig, StoreError
+from mesh.logs import get_logger
 
 
 class NodeConfig:
@@ -24,7 +24,7 @@ class NodeConfig:
         self.cache_path = Path(cache_path)
         self.config = ClusterConfig()
         self.version = 0
-        self.log = log or structlog.get_logger("mesh.config")
+        self.log = log or get_logger("mesh.config")
 
     @property
     def key_prefix(self) -> str:

@@ -52,9 +52,12 @@ class OutputDir:
         except OSError as exc:
             raise OutputError(str(self.path), f"cannot create output directory {self.path}: {exc.strerror}") from exc
 
-    def claim(self, job_id: str, list_inputs: Callable[[], list[str]]) -> list[str]:
+    def claim(self, job_id: str, list_inputs: Callable[[], list[str]],
+              check_inputs: Callable[[list[str]], object] = lambda files: None) -> list[str]:
         """Bind this directory to `job_id`; return the input list it was bound with (inputs are
-        listed, by `list_inputs`, only when it is bound for the first time).
+        listed, by `list_inputs`, only when it is bound for the first time). `check_inputs`
+        sees the list either way, listed now (before it is written) or stored (a resume), and
+        raises to refuse it: then nothing is written.
 
         A directory that holds another job's output is refused (never mix two jobs' parts);
         one bound to this job already (a resumed job) keeps its original input list, so the
@@ -66,11 +69,14 @@ class OutputDir:
             if doc.get("job") != job_id:
                 raise OutputError(str(self.path), f"output directory {self.path} already holds the output of job "
                                                   f"{doc.get('job')}; choose another --out or remove it")
-            return list(doc["files"])
+            files = list(doc["files"])
+            check_inputs(files)
+            return files
         if any(self.path.iterdir()):
             raise OutputError(str(self.path), f"output directory {self.path} is not empty; "
                                               "choose another --out or remove it")
         files = list_inputs()
+        check_inputs(files)
         self.write(INPUTS, orjson.dumps({"job": job_id, "files": files}))
         self.sync()
         return files

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 import orjson
-import structlog
 import zmq
 
 from mesh import protocol
@@ -27,9 +26,11 @@ from mesh.errors import MeshError, NotOwner, StoreError
 from mesh.accounting import Accounting, Tally
 from mesh.offsets import Watermarks
 from mesh.outputs import RESULT, SUMMARY, OutputDir, list_parts, part_name
+from mesh.paths import check_input_files, check_job_paths
 from mesh.source import InputFailure, PlannedChunk, expand_inputs, plan_chunks, stat_inputs
 from mesh.tasks import resolve_task
 from mesh.worker import node_of
+from mesh.logs import get_logger
 
 SEND_POLL_MS = 100
 
@@ -53,13 +54,15 @@ class Plan:
 class Owner:
     def __init__(self, *, job_id: str, epoch: int, spec: JobSpec, jobs: JobStore, dispatcher: Dispatcher,
                  node_id: str, settings: OwnerSettings = OwnerSettings(), on_exit=lambda owner: None,
-                 allowed_modules: tuple[str, ...] | None = None):
+                 allowed_modules: tuple[str, ...] | None = None,
+                 input_roots: tuple[str, ...] = (), output_roots: tuple[str, ...] = ()):
         self.job_id, self.epoch, self.spec = job_id, epoch, spec
         self.jobs, self.dispatcher, self.settings = jobs, dispatcher, settings
         self.node_id = node_id
         self.on_exit = on_exit
         self.allowed_modules = allowed_modules  # None: any module (cluster config "*")
-        self.log = structlog.get_logger("mesh.owner").bind(node=node_id, job=job_id, epoch=epoch)
+        self.input_roots, self.output_roots = input_roots, output_roots  # (): anywhere (mesh.paths)
+        self.log = get_logger("mesh.owner").bind(node=node_id, job=job_id, epoch=epoch)
         self.inbox: queue.Queue = queue.Queue()
         self.stop_source = threading.Event()
         self.stepping_down = threading.Event()
@@ -150,8 +153,10 @@ class Owner:
 
     def _prepare(self) -> None:
         self.task = resolve_task(self.spec.task, self.allowed_modules)
+        check_job_paths(self.spec, self.input_roots, self.output_roots)  # before anything is created or listed
         self.out = OutputDir(self.spec.out)
-        self.paths = self.out.claim(self.job_id, lambda: expand_inputs(self.spec.inputs))  # a resume re-lists nothing
+        self.paths = self.out.claim(self.job_id, lambda: expand_inputs(self.spec.inputs),  # a resume re-lists nothing
+                                    lambda files: check_input_files(files, self.input_roots))  # but is checked
         files = stat_inputs(self.paths)
         self.files = files
         self.plan.files = len(files)

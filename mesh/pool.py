@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-import structlog
 
 from mesh.forkserver import forkserver_context
 from mesh.worker import WorkerConfig, worker_identity, worker_main
+from mesh.logs import get_logger
 
 RESTART_BACKOFF_MIN_S = 0.05
 RESTART_BACKOFF_MAX_S = 10.0
@@ -69,7 +69,7 @@ class WorkerPool:
         self._wake_r, self._wake_w = multiprocessing.connection.Pipe(duplex=False)
         self._thread = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
         self._lock = threading.Lock()
-        self.log = structlog.get_logger("mesh.pool").bind(node=base.node_id)
+        self.log = get_logger("mesh.pool").bind(node=base.node_id)
 
     def _new_slot(self, index: int) -> _Slot:
         return _Slot(cfg=replace(self._base, slot=index, core=self._cores[index % len(self._cores)]))
@@ -78,6 +78,11 @@ class WorkerPool:
         for slot in self._slots:
             self._spawn(slot)
         self._thread.start()
+
+    def set_task_modules(self, modules: tuple[str, ...] | None) -> None:
+        """The task allowlist that workers started from now on get (live ones hear it from the
+        dispatcher)."""
+        self._base = replace(self._base, allowed_task_modules=modules)
 
     def resize(self, workers: int | None, timeout_s: float = 5.0) -> None:
         """Run `workers` processes (None: one per core). New slots start at once; retired ones

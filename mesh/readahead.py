@@ -52,6 +52,7 @@ class ReadAhead:
         self.keys, self.cut, self.depth, self.queue_chunks = list(keys), cut, depth, queue_chunks
         self.stop = threading.Event()
         self.running: dict = {}
+        self.consuming = None  # the producer take() reads from: joined on exit like the others
         self.next_index = 0
 
     def __enter__(self) -> "ReadAhead":
@@ -60,7 +61,7 @@ class ReadAhead:
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        for producer in self.running.values():
+        for producer in [*self.running.values(), *([self.consuming] if self.consuming else [])]:
             producer.join(5)
 
     def _fill(self) -> None:
@@ -73,7 +74,7 @@ class ReadAhead:
 
     def take(self, key: K) -> Iterator[T]:
         """The items of `key` (which must be the next key in plan order)."""
-        producer = self.running.pop(key)
+        producer = self.consuming = self.running.pop(key)
         self._fill()
         while True:
             item = producer.out.get()

@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-import structlog
 
 ENV_SOCKET = "NOTIFY_SOCKET"
 ENV_WATCHDOG_USEC = "WATCHDOG_USEC"
@@ -89,7 +88,10 @@ class Notifier:
                  monotonic_usec: Callable[[], int] = _monotonic_usec):
         self.address = address
         self.watchdog_usec = watchdog_usec if address is not None else None
-        self.log = log or structlog.get_logger("mesh.sdnotify")
+        if log is None:
+            from mesh.logs import get_logger  # here: meshd reads NOTIFY_SOCKET before its heavy imports
+            log = get_logger("mesh.sdnotify")
+        self.log = log
         self._monotonic_usec = monotonic_usec
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None

@@ -2,7 +2,7 @@
 
     from mesh.testing import running_mesh
     def test_my_task(tmp_path):
-        with running_mesh(tmp_path / "state", workers=2) as mesh:
+        with running_mesh(tmp_path / "state", workers=2, task_modules=("mypkg",)) as mesh:
             job = mesh.client.submit([str(tmp_path / "in.jsonl")], "mypkg.tasks:clean", out=str(tmp_path / "out"))
             assert job.wait(timeout_s=60)["state"] == "done"
 
@@ -29,10 +29,13 @@ class RunningMesh:
 
 @contextlib.contextmanager
 def running_mesh(state_dir: str | Path, *, workers: int = 2, ready_timeout_s: float = 60.0,
-                 **config) -> Iterator[RunningMesh]:
-    """Start a daemon with `workers` pinned worker processes; stop it on exit."""
+                 task_modules: tuple[str, ...] = (), **config) -> Iterator[RunningMesh]:
+    """Start a daemon with `workers` pinned worker processes; stop it on exit. `task_modules`:
+    where your tasks live (daemons import only built-ins and allowed modules)."""
     state_dir = Path(state_dir)
     store = open_embedded_store(state_dir)
+    if task_modules:
+        Client(store=store).allow_task_modules(*task_modules, comment="mesh.testing.running_mesh")
     config.setdefault("state_dir", str(state_dir / "node"))
     daemon = Daemon(store, DaemonConfig(workers=workers, **config))
     daemon.start()

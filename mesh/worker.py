@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import orjson
 import psutil
-import structlog
 import zmq
 
 from mesh import protocol
@@ -29,7 +28,9 @@ from mesh.codecs.frames import Kind
 from mesh.errors import MeshError
 from mesh.execute import ChunkOutcome, run_chunk
 from mesh.lifeline import die_with_parent
-from mesh.logs import configure_logging
+from mesh.logs import configure_logging, get_logger
+from mesh.security import Keypair, secure_client
+from mesh.ratelimit import LogRateLimiter
 from mesh.tasks import resolve_task
 
 MAX_CACHED_JOBS = 32
@@ -45,15 +46,23 @@ class WorkerConfig:
     log_level: str = "info"
     max_segment_bytes: int = 512 * 1024 * 1024
     output_level: int = 1
+    curve_key: str | None = None  # the node's secret key file: loaded here, never sent to us
+    allowed_task_modules: tuple[str, ...] | None = ()  # our node's allowlist (None: any); built-ins always
 
 
 def worker_identity(node_id: str, slot: int, pid: int) -> bytes:
-    """One place that names a worker on the wire; the pool computes the same for a dead pid."""
+    """One place that names a worker process; the pool computes the same for a dead pid. Each of
+    its connections adds a counter (`connection_identity`): a ROUTER refuses a second connection
+    under an identity in use, so a route can be neither taken over nor stale on reconnect."""
     return f"{node_id}/{slot}/{pid}".encode()
 
 
+def connection_identity(worker: bytes, connection: int) -> bytes:
+    return worker + b"/%d" % connection
+
+
 def node_of(identity: bytes) -> str:
-    return identity.decode(errors="replace").rsplit("/", 2)[0]
+    return identity.decode(errors="replace").rsplit("/", 3)[0]
 
 
 def _tune_malloc() -> None:
@@ -74,10 +83,13 @@ class Worker:
         self.cfg = cfg
         self.busy_since = busy_since  # shared with the pool: when the current chunk started (0: idle)
         self.identity = worker_identity(cfg.node_id, cfg.slot, os.getpid())
-        self.log = structlog.get_logger("mesh.worker").bind(node=cfg.node_id, worker=cfg.slot, core=cfg.core)
+        self.log = get_logger("mesh.worker").bind(node=cfg.node_id, worker=cfg.slot, core=cfg.core)
         self.jobs: OrderedDict[str, tuple] = OrderedDict()
         self.draining = False
         self.bad_frames = 0
+        self.allowed_modules = cfg.allowed_task_modules
+        self._connections = 0
+        self._bad_frame_log = LogRateLimiter(self.log, "bad_frame_dropped")  # lines per FrameError reason
         zstd = get_codec("zstd")
         self.compress_output = zstd.compress
 
@@ -85,7 +97,8 @@ class Worker:
         """Serve the local dispatcher and, peer to peer, every remote owner it names."""
         self.ctx = zmq.Context(io_threads=1)
         self.links: dict[str, zmq.Socket] = {}
-        self.local = self._connect(self.cfg.endpoint)
+        self.keys = Keypair.load(self.cfg.curve_key) if self.cfg.curve_key else None
+        self.local = self._connect(self.cfg.endpoint, self.keys.public.decode() if self.keys else None)
         self.log.debug("worker_ready", endpoint=self.cfg.endpoint)
         poller = zmq.Poller()
         poller.register(self.local, zmq.POLLIN)
@@ -103,26 +116,38 @@ class Worker:
                 sock.close()
             self.ctx.term()
 
-    def _connect(self, endpoint: str) -> zmq.Socket:
+    def _connect(self, endpoint: str, server_key: str | None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.IDENTITY, connection_identity(self.identity, self._connections))
+        sock.setsockopt(zmq.MAXMSGSIZE, frames.MAX_PAYLOAD)  # no peer makes us allocate more than a chunk
+        self._connections += 1
         sock.setsockopt(zmq.LINGER, 2000)
+        if self.keys is not None:
+            secure_client(sock, self.keys, server_key.encode())
         sock.connect(endpoint)
         protocol.send(sock, protocol.control("ready", credits=self.cfg.window, pid=os.getpid(),
                                              core=self.cfg.core, node=self.cfg.node_id, slot=self.cfg.slot))
         self.links[endpoint] = sock
         return sock
 
-    def set_peers(self, endpoints: list[str]) -> None:
+    def set_peers(self, endpoints: list[str], keys: dict[str, str]) -> None:
         """Connect to owners that appeared, drop those that are gone (their chunks held here are
-        re-sent by them: they see our results stop and our node record, not our sockets)."""
+        re-sent by them: they see our results stop and our node record, not our sockets).
+        With CURVE, a peer is reached only with the public key it published; a peer on the other
+        side of the CURVE/plaintext divide cannot be reached at all, so it is skipped, loudly."""
         wanted = {e for e in endpoints if isinstance(e, str) and e.startswith("tcp://")}
         wanted.discard(self.cfg.endpoint)
+        for endpoint in sorted(wanted):
+            if (self.keys is not None) != isinstance(keys.get(endpoint), str):
+                self.log.warning("peer_unreachable_transport_mismatch", peer=endpoint,
+                                 ours="curve" if self.keys else "plaintext",
+                                 theirs="curve" if keys.get(endpoint) else "plaintext")
+                wanted.discard(endpoint)
         for endpoint in list(self.links):
             if endpoint != self.cfg.endpoint and endpoint not in wanted:
                 self.links.pop(endpoint).close(0)
         for endpoint in sorted(wanted - set(self.links)):
-            self._connect(endpoint)
+            self._connect(endpoint, keys.get(endpoint))
         self.log.info("peers_updated", peers=sorted(wanted))
 
     def _sync_poller(self, poller: zmq.Poller) -> None:
@@ -142,8 +167,8 @@ class Worker:
                 return self.on_chunk(header, payload)
             raise FrameError("bad_kind", f"workers do not accept {header.kind.name} messages")
         except FrameError as exc:
-            self.bad_frames += 1
-            self.log.warning("bad_frame_dropped", reason=exc.reason, error=str(exc), count=self.bad_frames)
+            self.bad_frames += 1  # counted always, logged rate-limited
+            self._bad_frame_log.warning(exc.reason, reason=exc.reason, error=str(exc)[:300], count=self.bad_frames)
             return None
 
     def on_control(self, header, *, from_local: bool = True) -> None:
@@ -153,10 +178,17 @@ class Worker:
             self.jobs[header.job_id] = (body.get("task"), body.get("params") or {}, None)
             self._evict()
         elif kind == "peers" and from_local:  # only our own daemon says whom to serve
-            endpoints = body.get("endpoints")
-            if not isinstance(endpoints, list):
-                raise FrameError("bad_control", "peers.endpoints must be a list of endpoints")
-            self.set_peers(endpoints)
+            endpoints, keys = body.get("endpoints"), body.get("keys") or {}
+            if not isinstance(endpoints, list) or not isinstance(keys, dict):
+                raise FrameError("bad_control", "peers must carry a list of endpoints and a dict of keys")
+            self.set_peers(endpoints, keys)
+        elif kind == "allow" and from_local:  # our node's config changed; re-resolve under the new list
+            modules = body.get("modules")
+            if modules is not None and not (isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
+                raise FrameError("bad_control", "allow.modules must be null or a list of module names")
+            self.allowed_modules = None if modules is None else tuple(modules)
+            for job_id, (name, params, _) in list(self.jobs.items()):
+                self.jobs[job_id] = (name, params, None)
         elif kind == "stop" and from_local:
             self.draining = True
         return None
@@ -168,7 +200,7 @@ class Worker:
     def _task(self, job_id: str):
         name, params, task = self.jobs[job_id]
         if task is None:
-            task = resolve_task(name)
+            task = resolve_task(name, self.allowed_modules)  # never a remote owner's say
             self.jobs[job_id] = (name, params, task)
         return task, params
 

@@ -20,3 +20,6 @@ target="$repo"
 [ -n "$extras" ] && target="$repo[$extras]"
 "$VENV_PY" -m pip install --quiet --disable-pip-version-check -e "$target"
 export PATH="$repo/.venv/bin:$PATH"
+# An editable install has no byte code; compile it once (as pip does for a normal install), or every
+# meshd, worker and meshctl start compiles the package again where PYTHONDONTWRITEBYTECODE is set.
+"$VENV_PY" -m compileall -q "$repo/mesh" "$repo/coordinator" "$repo/codecs" "$repo/bench" >/dev/null

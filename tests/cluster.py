@@ -15,11 +15,15 @@ from waiting import wait_until
 
 
 class Cluster:
-    def __init__(self, etcd: EtcdServer, root: Path):
+    def __init__(self, etcd: EtcdServer, root: Path, *, task_modules: tuple[str, ...] = ("sample_tasks",)):
+        """`task_modules` are allowed in the cluster config (config version 1) before any daemon
+        starts; () leaves the config untouched at version 0."""
         self.etcd = etcd
         self.root = root
         self.daemons: dict[str, subprocess.Popen] = {}
         self.client = Client(etcd.url)
+        if task_modules:
+            self.client.allow_task_modules(*task_modules, comment="tests: the sample tasks")
 
     def start_daemon(self, node_id: str, *, workers: int | None = 1, lease_ttl_s: float = 2.0,
                      extra_args: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:

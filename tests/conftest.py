@@ -65,7 +65,7 @@ def mesh(tmp_path_factory):
     """One in-process mesh (daemon + 2 pinned worker processes) per test module."""
     from mesh.testing import running_mesh
 
-    with running_mesh(tmp_path_factory.mktemp("state"), workers=2) as running:
+    with running_mesh(tmp_path_factory.mktemp("state"), workers=2, task_modules=("sample_tasks",)) as running:
         yield running
 
 

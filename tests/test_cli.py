@@ -103,7 +103,8 @@ def test_up_submit_status_jobs_cancel_nodes(mesh_up, edge_corpus, tmp_path):
     assert {j["id"] for j in jobs} >= {job_id} and all(j["state"] == "done" for j in jobs)
     assert b"done" in meshctl("jobs", env=env, check_rc=0).stdout
     assert b"records" in meshctl("status", job_id, env=env, check_rc=0).stdout
-    # cancel a job that waits behind a slow one
+    # cancel a job that waits behind a slow one (its task module allowed first, as an operator would)
+    meshctl("config", "set", "allowed_task_modules=sample_tasks", env=env, check_rc=0)
     slow = meshctl("submit", *edge_corpus, "--task", "sample_tasks:slow", "--param", "delay_s=0.2",
                    "--chunk-size", "64K", "--out", tmp_path / "c", env=env, check_rc=0).stdout.decode().strip()
     meshctl("cancel", slow, env=env, check_rc=0)

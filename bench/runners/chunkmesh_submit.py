@@ -37,12 +37,14 @@ class Runner(_Base):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mesh up exited {self.proc.returncode}")
             r = subprocess.run([sys.executable, "-m", "mesh", "nodes", "--json"], env=self.env, capture_output=True)
-            if r.returncode == 0 and orjson.loads(r.stdout or b"[]"):
+            nodes = orjson.loads(r.stdout or b"[]") if r.returncode == 0 else []
+            if nodes and nodes[0]["workers_alive"] == nodes[0]["workers"]:
                 break
-            time.sleep(0.3)
+            time.sleep(0.3)  # poll interval
         else:
-            raise RuntimeError("mesh up: no node after 60 s")
-        time.sleep(1.0)  # let the workers come up
+            raise RuntimeError("mesh up: no node with all its workers after 60 s")
+        subprocess.run([sys.executable, "-m", "mesh", "config", "set", "allowed_task_modules=bench"],
+                       env=self.env, capture_output=True, check=True)  # the benchmark tasks live in bench.tasks
         return self
 
     def __exit__(self, *exc):

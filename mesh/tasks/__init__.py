@@ -57,6 +57,12 @@ def qualified_name(name: str) -> str:
     return BUILTINS.get(name, name)
 
 
+def task_module(name: str) -> str | None:
+    """The module a task would be imported from; None for a built-in (always allowed)."""
+    full = qualified_name(name)
+    return None if full in BUILTINS.values() else full.partition(":")[0]
+
+
 def resolve_task(name: str, allowed_modules: tuple[str, ...] | None = None) -> Task:
     """Import and return the task ``name``; raise TaskError with a message a user can act on.
 
@@ -71,8 +77,9 @@ def resolve_task(name: str, allowed_modules: tuple[str, ...] | None = None) -> T
     if allowed_modules is not None and full not in BUILTINS.values() and not any(
         module_name == m or module_name.startswith(m + ".") for m in allowed_modules
     ):
-        raise TaskError(name, f"task {name!r} is not allowed: module {module_name!r} is not in the "
-                              f"allowed task modules {list(allowed_modules)}")
+        raise TaskError(name, f"task {name!r} is not allowed: module {module_name!r} is not in the cluster "
+                              f"config's allowed_task_modules {list(allowed_modules)}; an operator allows it with "
+                              f"`meshctl config set allowed_task_modules={','.join([*allowed_modules, module_name])}`")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # an import of user code can raise anything

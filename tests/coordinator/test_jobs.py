@@ -9,7 +9,11 @@ import pytest
 
 from mesh.coordinator.embedded import open_embedded_store
 from mesh.coordinator.errors import InvalidSpec, JobNotFound, LeaseNotFound, MeshBusy, NotOwner
-from mesh.coordinator.jobs import JOB_STATES, JobSpec, JobStore
+from mesh.coordinator.jobs import (
+    JOB_STATES, MAX_INPUTS, MAX_PARAMS_BYTES, MAX_PATH_LENGTH, MAX_SPEC_BYTES, MAX_TASK_LENGTH, JobSpec, JobStore,
+)
+
+DOTDOT = "a path with '..' is refused: give the path without it"
 
 
 @pytest.fixture
@@ -58,9 +62,66 @@ def test_validation_lists_every_problem_at_once():
     (dict(params={1: "x"}), "params must survive a JSON round trip"),
     (dict(params=["x"]), "params must be a JSON object (got list)"),
     (dict(task="Upper"), "task must be 'package.module:function'"),
+    (dict(inputs=("/data/in/../../etc/passwd",)), f"inputs[0]: {DOTDOT} (got '/data/in/../../etc/passwd')"),
+    (dict(inputs=("/data/ok", "../*.log")), f"inputs[1]: {DOTDOT} (got '../*.log')"),
+    (dict(out="/srv/out/.."), f"out: {DOTDOT} (got '/srv/out/..')"),
+    (dict(inputs=("/data/a\0b",)), "inputs[0] must not contain a NUL character"),
 ])
 def test_each_rule_names_field_and_value(overrides, expected):
     assert any(expected in p for p in spec(**overrides).problems()), spec(**overrides).problems()
+
+
+def test_dots_inside_names_are_not_parent_components():
+    assert spec(inputs=("/data/..hidden/x..y", "/data/.../z", "/data/./a"), out="/srv/a..b").problems() == []
+
+
+def test_sizes_and_counts_are_bounded_at_the_named_limits():
+    assert spec(inputs=tuple(f"/d/{i}" for i in range(MAX_INPUTS))).problems() == []
+    assert spec(inputs=tuple(f"/d/{i}" for i in range(MAX_INPUTS + 1))).problems() == [
+        f"inputs must have at most {MAX_INPUTS} entries (got {MAX_INPUTS + 1}): "
+        "name directories or globs instead of single files"]
+    longest = "/" + "p" * (MAX_PATH_LENGTH - 1)
+    assert spec(inputs=(longest,), out=longest).problems() == []
+    problems = spec(inputs=("/ok", longest + "x"), out=longest + "x").problems()
+    assert [p.split(" (got")[0] for p in problems] == [
+        f"inputs[1] must be at most {MAX_PATH_LENGTH} characters", f"out must be at most {MAX_PATH_LENGTH} characters"]
+    assert f"(got {MAX_PATH_LENGTH + 1}: " in problems[0]
+    assert len(problems[0]) < 200, "the message quotes the value cut short"
+    filler = MAX_PARAMS_BYTES - len('{"k":""}')
+    assert spec(params={"k": "x" * filler}).problems() == []
+    assert spec(params={"k": "x" * (filler + 1)}).problems() == [
+        f"params must be at most {MAX_PARAMS_BYTES} bytes (64 KiB) as JSON (got {MAX_PARAMS_BYTES + 1}): "
+        "pass big data as an input file instead"]
+    name = "m" * (MAX_TASK_LENGTH - 2) + ":f"
+    assert spec(task=name).problems() == []
+    assert spec(task="m" + name).problems()[0].startswith(
+        f"task must be at most {MAX_TASK_LENGTH} characters (got {MAX_TASK_LENGTH + 1}: ")
+    # each entry within bounds, the whole spec not: the store holds it as one value
+    big = spec(inputs=tuple(f"/{i:04d}" + "d" * (MAX_PATH_LENGTH - 10) for i in range(300)))
+    assert [p.split(" (got")[0] for p in big.problems()] == [
+        f"the job spec must be at most {MAX_SPEC_BYTES} bytes (1 MiB) as JSON"]
+
+
+def test_submit_refuses_bounds_and_dots_and_writes_nothing(jobs, store):
+    rev = store.revision()
+    with pytest.raises(InvalidSpec) as info:
+        jobs.submit(spec(inputs=("/data/../etc/*",), out="/srv/../tmp", params={"k": "x" * MAX_PARAMS_BYTES}))
+    assert len(info.value.problems) == 3
+    assert f"inputs[0]: {DOTDOT} (got '/data/../etc/*')" in info.value.problems
+    assert f"out: {DOTDOT} (got '/srv/../tmp')" in info.value.problems
+    assert store.revision() == rev and jobs.list_jobs() == []
+
+
+def test_a_stored_spec_is_checked_again_when_read(jobs, store):
+    """A spec written straight to the store, around JobStore.submit, is refused when read."""
+    job_id = jobs.submit(spec())
+    doc = json.loads(spec().to_json())
+    store.put(jobs.key(job_id, "spec"), json.dumps({**doc, "inputs": ["/data/in/../../etc/passwd"]}).encode())
+    with pytest.raises(InvalidSpec, match=re.escape(DOTDOT)):
+        jobs.get_spec(job_id)
+    store.put(jobs.key(job_id, "spec"), b" " * (MAX_SPEC_BYTES + 1))
+    with pytest.raises(InvalidSpec, match=f"at most {MAX_SPEC_BYTES} bytes"):
+        jobs.get_spec(job_id)
 
 
 def test_from_json_reports_unknown_missing_and_broken_fields_together():

@@ -51,7 +51,7 @@ def duplicating_worker(endpoint: str, stop: threading.Event, sent: list) -> None
 def test_a_result_sent_twice_is_counted_once(tmp_path, edge_corpus):
     inputs = edge_corpus[:4]
     stop, sent = threading.Event(), []
-    with running_mesh(tmp_path / "state", workers=1) as mesh:
+    with running_mesh(tmp_path / "state", workers=1, task_modules=("sample_tasks",)) as mesh:
         rogue = threading.Thread(target=duplicating_worker, args=(mesh.daemon.dispatcher.endpoint, stop, sent))
         rogue.start()
         try:

@@ -82,19 +82,22 @@ def test_malformed_frames_are_counted_and_dropped_while_a_job_runs(mesh, edge_co
         [b"garbage"],
         [b"CMSH" + b"\x00" * 60, b""],
         [header[:-1] + bytes([header[-1] ^ 1]), payload],         # header CRC broken
-        [header, b"abd"],                                         # payload checksum broken
         [header, payload, b"extra frame"],
         list(frames.encode(Kind.CHUNK, job_id="j-x", payload=b"x\n", segments=(Segment(0, 0, 2, 2),))),
         list(frames.encode(Kind.CONTROL, job_id="-", extra=b"not json")),
         list(frames.encode(Kind.CONTROL, job_id="-", extra=b'{"type": "ready", "credits": 100000}')),
     ]
+    stale = [[header, b"abd"]]  # a result nobody waits for: dropped before its payload is even checked
+    stale_before = mesh.daemon.dispatcher.statistics().stale_results
     job = mesh.client.submit(edge_corpus, "identity", {}, out=str(tmp_path / "out"), chunk_size=CHUNK)
-    for msg in bad:
+    for msg in bad + stale:
         rogue.send_multipart(msg)
     status = job.wait(timeout_s=60)
     rogue.close()
     assert status["state"] == "done"
     wait_until(lambda: mesh.daemon.dispatcher.statistics().bad_frames >= before + len(bad), 10, "bad frames counted")
+    wait_until(lambda: mesh.daemon.dispatcher.statistics().stale_results >= stale_before + len(stale), 10,
+               "the stale result counted")
     expected, _, _ = reference_run(edge_corpus, "identity", {})
     assert b"".join(iter_output(tmp_path / "out")) == b"".join(r + b"\n" for r in expected)
 
@@ -138,7 +141,7 @@ def test_a_stopped_daemons_job_resumes_from_committed_offsets(tmp_path, access_l
     path = big_input(tmp_path, access_log_records, 6)
     records = access_log_records.count(b"\n") * 6
     state = tmp_path / "state"
-    with running_mesh(state, workers=2) as first:
+    with running_mesh(state, workers=2, task_modules=("sample_tasks",)) as first:
         jobs = {
             "map": first.client.submit([path], "sample_tasks:slow", {"delay_s": 0.01}, out=str(tmp_path / "map"),
                                        chunk_size=CHUNK),
@@ -147,7 +150,7 @@ def test_a_stopped_daemons_job_resumes_from_committed_offsets(tmp_path, access_l
         }
         wait_until(lambda: all(first.client.jobs.get_offsets(j.id).get("partial") for j in jobs.values()), 60,
                    "offsets committed for both jobs")
-    with running_mesh(state, workers=2) as second:
+    with running_mesh(state, workers=2, task_modules=("sample_tasks",)) as second:
         durable = {k: second.client.jobs.get_progress(j.id)["durable"]["chunks_done"] for k, j in jobs.items()}
         assert all(second.client.job(j.id).status()["state"] == "running" for j in jobs.values())
         done = {k: second.client.job(j.id).wait(timeout_s=120) for k, j in jobs.items()}
@@ -186,7 +189,7 @@ def test_a_file_that_vanishes_mid_job_is_reported_and_the_rest_is_exact(mesh, ac
 
 def test_resizing_the_pool_mid_job_loses_no_chunk(tmp_path, access_log_records):
     path = big_input(tmp_path, access_log_records, 3)
-    with running_mesh(tmp_path / "state", workers=2) as m:
+    with running_mesh(tmp_path / "state", workers=2, task_modules=("sample_tasks",)) as m:
         job = m.client.submit([path], "sample_tasks:slow", {"delay_s": 0.02}, out=str(tmp_path / "out"),
                               chunk_size=CHUNK)
         wait_until(lambda: (job.status().get("progress") or {}).get("chunks_done", 0) >= 3, 30, "job under way")
@@ -211,7 +214,7 @@ def test_a_task_that_hangs_is_killed_at_the_chunk_time_limit_and_dead_lettered(t
     path = tmp_path / "in.jsonl"
     good = [b'{"n": %d}' % i for i in range(6000)]
     path.write_bytes(b"\n".join(good[:3000] + [b'{"hang": 1}'] + good[3000:]) + b"\n")
-    with running_mesh(tmp_path / "state", workers=2) as m:
+    with running_mesh(tmp_path / "state", workers=2, task_modules=("sample_tasks",)) as m:
         job = m.client.submit([str(path)], "sample_tasks:hang_on", {"marker": "hang"}, out=str(tmp_path / "out"),
                               chunk_size=CHUNK, max_failed_records=100_000)
         status = job.wait(timeout_s=60)

@@ -102,7 +102,10 @@ def test_failure_budget_fails_the_job_with_a_clear_reason(mesh, edge_corpus, tmp
 def test_unknown_task_fails_at_once(mesh, edge_corpus, tmp_path):
     _, status = run(mesh, edge_corpus[:1], "no_such_module_xyz:fn", {}, tmp_path / "out")
     assert status["state"] == "failed"
-    assert "cannot import module 'no_such_module_xyz'" in status["reason"]
+    assert "module 'no_such_module_xyz' is not in the cluster config's allowed_task_modules" in status["reason"]
+    _, status = run(mesh, edge_corpus[:1], "sample_tasks.nope:fn", {}, tmp_path / "out1")  # allowed, missing
+    assert status["state"] == "failed"
+    assert "cannot import module 'sample_tasks.nope'" in status["reason"]
     _, status = run(mesh, edge_corpus[:1], "sample_tasks:missing_fn", {}, tmp_path / "out2")
     assert status["state"] == "failed" and "has no function 'missing_fn'" in status["reason"]
 

@@ -1,5 +1,5 @@
-"""A worker that drops its connection to a dispatcher and comes back (same identity) gets the
-chunks it held re-sent: they died with the old connection. Found by a drain test that hung: a
+"""A worker that drops its connection to a dispatcher and comes back (a new connection, same
+process) gets the chunks it held re-sent: they died with the old connection. Found by a drain test that hung: a
 flapping peers update made a worker reconnect, and the dispatcher waited forever for results the
 worker never received."""
 from __future__ import annotations
@@ -16,12 +16,11 @@ from mesh.dispatcher import Dispatcher, JobRoute
 
 pytestmark = pytest.mark.timeout(30)
 
-IDENTITY = b"n9/0/4242"
-
-
-def _worker_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def _worker_socket(ctx: zmq.Context, endpoint: str, connection: int) -> zmq.Socket:
+    """Worker process 4242 of node n9, slot 0: each connection has its own identity (as in
+    mesh.worker), so the ROUTER never confuses the new one with the old."""
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, IDENTITY)
+    sock.setsockopt(zmq.IDENTITY, b"n9/0/4242/%d" % connection)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     protocol.send(sock, protocol.control("ready", credits=2, pid=4242, core=0, node="n9", slot=0))
@@ -59,11 +58,11 @@ def test_chunks_held_on_a_dropped_connection_are_resent_when_the_worker_returns(
             seg = Segment(file_index=0, start=0, end=len(payload), length=len(payload))
             source.send_multipart(list(frames.encode(Kind.CHUNK, job_id="j1", epoch=1, chunk_id=chunk_id,
                                                      payload=payload, segments=[seg], record_count=1)))
-        first = _worker_socket(ctx, dispatcher.endpoint)
+        first = _worker_socket(ctx, dispatcher.endpoint, 0)
         assert sorted(h.chunk_id for h in _chunks(first, 2)) == [1, 2]
         first.close(0)  # both chunks die with this connection, unanswered
 
-        second = _worker_socket(ctx, dispatcher.endpoint)
+        second = _worker_socket(ctx, dispatcher.endpoint, 1)
         again = _chunks(second, 2)
         assert sorted((h.chunk_id, h.attempt) for h in again) == [(1, 1), (2, 1)]
         for header in again:

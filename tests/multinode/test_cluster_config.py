@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
+from cluster import Cluster
+from etcd_server import EtcdServer
 from mesh.coordinator.config import ConfigStore
 
 APPLY_BOUND_S = 5.0
@@ -10,6 +13,17 @@ APPLY_BOUND_S = 5.0
 
 def versions(cluster) -> dict[str, int]:
     return {n["id"]: n.get("config_version") for n in cluster.client.nodes()}
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A cluster whose config starts at version 0 (these tests count versions)."""
+    with EtcdServer(tmp_path / "etcd") as etcd:
+        c = Cluster(etcd, tmp_path, task_modules=())
+        try:
+            yield c
+        finally:
+            c.stop()
 
 
 def test_every_node_reports_a_new_version_and_applies_it_live(cluster):
