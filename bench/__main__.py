@@ -38,7 +38,8 @@ def _one_run(runner, w, corpus_files: int, ref, tmp: str, timeout: float) -> dic
         got = answer(doc, out, runner.output, w.kind)
         row.update(seconds=doc["seconds"], records_in=doc["records_in"], bytes_in=doc["bytes_in"],
                    records_out=doc.get("records_out", 0), chunks=doc.get("chunks"),
-                   coordinator_writes=doc.get("coordinator_writes"), files=corpus_files)
+                   coordinator_writes=doc.get("coordinator_writes"), files=corpus_files,
+                   task_cpu_s=doc.get("task_cpu_s"))
         row["error"] = None if ref is None else compare(got, ref[0], doc["records_in"], ref[1])
         row["_answer"] = got
     except Exception as exc:  # a failed run is reported, not a time

@@ -91,6 +91,7 @@ def _summary_doc(status: dict) -> dict:
         "chunks": summary.get("chunks_done", 0), "seconds": summary.get("seconds", 0.0),
         "nodes": summary.get("nodes", {}), "result": summary.get("result"),
         "chunks_redone": summary.get("chunks_redone", 0), "replay": summary.get("replay"),
+        "task_cpu_s": summary.get("task_cpu_us", 0) / 1e6,
     }
 
 

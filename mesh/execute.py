@@ -6,6 +6,7 @@ raises is re-run record by record, to send exactly the failing records to dead l
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -29,6 +30,7 @@ class ChunkOutcome:
     failed_records: int = 0
     dead_letters: list[dict] = field(default_factory=list)
     job_error: str | None = None
+    task_cpu_us: int = 0  # CPU time inside the task's own code: the rest of a mesh's CPU is its overhead
 
     def meta(self) -> dict:
         """What travels in the result frame's `extra` (the output bytes travel as payload)."""
@@ -40,6 +42,7 @@ class ChunkOutcome:
             "failed_records": self.failed_records,
             "dead_letters": self.dead_letters,
             "job_error": self.job_error,
+            "task_cpu_us": self.task_cpu_us,
         }
 
 
@@ -89,6 +92,7 @@ def run_chunk(task: Task, params: dict, segments: Sequence, views: Sequence, *,
         outcome.bytes_in += len(data)
         records = split_records(data)
         outcome.records_in += len(records)
+        started = time.thread_time_ns()
         try:
             if task.is_reduce:
                 part = _reduce_segment(task, params, records, seg, dead)
@@ -98,6 +102,8 @@ def run_chunk(task: Task, params: dict, segments: Sequence, views: Sequence, *,
         except InvalidSpec as exc:  # bad params: the whole job is wrong, not this record
             outcome.job_error = f"task {task.name}: {exc}"
             return outcome
+        finally:
+            outcome.task_cpu_us += (time.thread_time_ns() - started) // 1000
     outcome.records_out = len(outputs)
     outcome.partial = partial
     if outputs:

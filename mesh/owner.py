@@ -281,7 +281,8 @@ class Owner:
         records = int(body.get("records_in", 0))
         tally = Tally(records_in=records, records_out=int(body.get("records_out", 0)),
                       failed_records=int(body.get("failed_records", 0)), bytes_in=int(body.get("bytes_in", 0)),
-                      nodes={node_of(identity): {"chunks": 1, "records": records}}, chunks_redone=int(redone))
+                      nodes={node_of(identity): {"chunks": 1, "records": records}}, chunks_redone=int(redone),
+                      task_cpu_us=int(body.get("task_cpu_us", 0)))
         self._chunk_done(chunk, tally)
         return None
 
