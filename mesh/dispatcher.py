@@ -272,11 +272,10 @@ class Dispatcher:
                                                         f"(got {len(msg) - 1})")
                 header = frames.decode_header(msg[1].buffer)
                 if header.kind == Kind.RESULT:
-                    assignment = self._expected(identity, header)
-                    if assignment is None:  # before its payload is checksummed or inflated (zip bombs)
+                    if self._expected(identity, header) is None:  # before its payload is checked or inflated
                         self._stats.stale_results += 1
                     else:
-                        self._on_result(identity, header, frames.decode_payload(header, msg[2].buffer))
+                        self._on_result(identity, header, self._checked_payload(identity, header, msg[2]))
                 elif header.kind == Kind.CONTROL:
                     frames.decode_payload(header, msg[2].buffer)
                     self._on_control(identity, header, key_name=self._key_name(msg[1]))
@@ -336,6 +335,19 @@ class Dispatcher:
         if assignment is None or (assignment.header.attempt, assignment.header.epoch) != (header.attempt, header.epoch):
             return None
         return assignment
+
+    def _checked_payload(self, identity: bytes, header: Header, frame: zmq.Frame):
+        """The payload of a result we wait for; if it is corrupt (FrameError), its chunk is
+        re-sent, not left waiting for an answer that already came."""
+        try:
+            return frames.decode_payload(header, frame.buffer)
+        except FrameError:
+            link = self.workers[identity]
+            assignment = link.outstanding.pop((header.job_id, header.chunk_id))
+            link.credits += 1
+            self.retry.appendleft(assignment)
+            self._stats.resent_chunks += 1
+            raise
 
     def _on_result(self, identity: bytes, header: Header, payload) -> None:
         link = self.workers[identity]

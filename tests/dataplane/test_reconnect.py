@@ -76,3 +76,40 @@ def test_chunks_held_on_a_dropped_connection_are_resent_when_the_worker_returns(
         source.close(0)
         dispatcher.stop()
         ctx.term()
+
+
+def test_a_corrupt_result_from_the_worker_holding_the_chunk_gets_the_chunk_resent():
+    ctx = zmq.Context()
+    dispatcher = Dispatcher(ctx, node_id="n1")
+    results: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def on_result(identity, header, payload, body):
+        results.append((header.chunk_id, header.attempt))
+        done.set()
+
+    dispatcher.add_job(JobRoute("j1", 1, protocol.control("job", "j1", task="identity", params={}, epoch=1),
+                                on_result=on_result, on_poison=lambda a: None))
+    dispatcher.start()
+    source = dispatcher.open_source_socket()
+    worker = _worker_socket(ctx, dispatcher.endpoint, 0)
+    try:
+        payload = b"a record\n"
+        seg = Segment(file_index=0, start=0, end=len(payload), length=len(payload))
+        source.send_multipart(list(frames.encode(Kind.CHUNK, job_id="j1", epoch=1, chunk_id=1, payload=payload,
+                                                 segments=[seg], record_count=1)))
+        (first,) = _chunks(worker, 1)
+        header, _ = frames.encode(Kind.RESULT, job_id="j1", epoch=1, chunk_id=1, attempt=first.attempt,
+                                  payload=b"out\n", extra=b"{}")
+        worker.send_multipart([header, b"oux\n"])  # checksum mismatch: corrupt on the way
+        (again,) = _chunks(worker, 1)
+        assert (again.chunk_id, again.attempt) == (1, first.attempt + 1)
+        worker.send_multipart(list(frames.encode(Kind.RESULT, job_id="j1", epoch=1, chunk_id=1,
+                                                 attempt=again.attempt, payload=b"out\n", extra=b"{}")))
+        assert done.wait(10)
+        assert results == [(1, again.attempt)] and dispatcher.statistics().bad_frames == 1
+    finally:
+        worker.close(0)
+        source.close(0)
+        dispatcher.stop()
+        ctx.term()
