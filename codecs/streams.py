@@ -201,12 +201,24 @@ def _long_line(stream: InputStream, head: bytes, start: int, chunk_size: int,
 
 
 def read_whole(path: str | os.PathLike, max_len: int) -> bytes:
-    """The raw bytes of a (small) file, refusing files longer than `max_len` without reading them."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    """The raw bytes of a (small) file, refusing files longer than `max_len` without reading them.
+    Plain os calls, no file object: 12 instead of 28 µs a file here, and the owner reads every
+    small file of a job in one thread."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
         if size > max_len:
             raise CodecError("none", f"{os.fspath(path)}: file is {size} bytes, longer than max_len {max_len}")
-        data = f.read(size + 1)  # one more byte tells whether it grew meanwhile
+        pieces, got = [], 0
+        while got <= size:  # one more byte than its size tells whether it grew meanwhile
+            piece = os.read(fd, size + 1 - got)
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+    finally:
+        os.close(fd)
+    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     if len(data) > max_len:
         raise CodecError("none", f"{os.fspath(path)}: file is more than max_len {max_len} bytes")
     return data
