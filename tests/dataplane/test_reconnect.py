@@ -1,10 +1,10 @@
-"""A worker that drops its connection to a dispatcher and comes back (a new connection, same
-process) gets the chunks it held re-sent: they died with the old connection. Found by a drain test that hung: a
-flapping peers update made a worker reconnect, and the dispatcher waited forever for results the
-worker never received."""
+"""A worker's connection to a dispatcher can die with chunks on it; those chunks are re-sent, never
+left waiting. Found by a drain test that hung: a flapping peers update made a worker reconnect,
+and the dispatcher waited forever for results the worker never received."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
 import pytest
 import zmq
@@ -16,15 +16,63 @@ from mesh.dispatcher import Dispatcher, JobRoute
 
 pytestmark = pytest.mark.timeout(30)
 
-def _worker_socket(ctx: zmq.Context, endpoint: str, connection: int) -> zmq.Socket:
-    """Worker process 4242 of node n9, slot 0: each connection has its own identity (as in
-    mesh.worker), so the ROUTER never confuses the new one with the old."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, b"n9/0/4242/%d" % connection)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    protocol.send(sock, protocol.control("ready", credits=2, pid=4242, core=0, node="n9", slot=0))
-    return sock
+RECORD = b"a record\n"
+
+
+@dataclass
+class Bench:
+    """A real Dispatcher with one job ("j1", epoch 1), a source socket and a record of results."""
+    ctx: zmq.Context
+    dispatcher: Dispatcher
+    source: zmq.Socket
+    results: list = field(default_factory=list)
+    changed: threading.Event = field(default_factory=threading.Event)
+    sockets: list = field(default_factory=list)
+
+    def push_chunk(self, chunk_id: int) -> None:
+        seg = Segment(file_index=0, start=0, end=len(RECORD), length=len(RECORD))
+        self.source.send_multipart(list(frames.encode(Kind.CHUNK, job_id="j1", epoch=1, chunk_id=chunk_id,
+                                                      payload=RECORD, segments=[seg], record_count=1)))
+
+    def worker(self, connection: int) -> zmq.Socket:
+        """Worker process 4242 of node n9, slot 0: each connection has its own identity (as in
+        mesh.worker), so the ROUTER never confuses the new one with the old."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, b"n9/0/4242/%d" % connection)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.dispatcher.endpoint)
+        protocol.send(sock, protocol.control("ready", credits=2, pid=4242, core=0, node="n9", slot=0))
+        self.sockets.append(sock)
+        return sock
+
+    def wait_results(self, count: int) -> list:
+        while len(self.results) < count:
+            assert self.changed.wait(10), f"results accepted: {self.results}"
+            self.changed.clear()
+        return sorted(self.results)
+
+
+@pytest.fixture
+def bench():
+    ctx = zmq.Context()
+    dispatcher = Dispatcher(ctx, node_id="n1")
+    b = Bench(ctx, dispatcher, None)
+
+    def on_result(identity, header, payload, body):
+        b.results.append((header.chunk_id, header.attempt))
+        b.changed.set()
+
+    dispatcher.add_job(JobRoute("j1", 1, protocol.control("job", "j1", task="identity", params={}, epoch=1),
+                                on_result=on_result, on_poison=lambda a: None))
+    dispatcher.start()
+    b.source = dispatcher.open_source_socket()
+    try:
+        yield b
+    finally:
+        for sock in [b.source, *b.sockets]:
+            sock.close(0)
+        dispatcher.stop()
+        ctx.term()
 
 
 def _chunks(sock: zmq.Socket, want: int) -> list[frames.Header]:
@@ -37,79 +85,36 @@ def _chunks(sock: zmq.Socket, want: int) -> list[frames.Header]:
     return got
 
 
-def test_chunks_held_on_a_dropped_connection_are_resent_when_the_worker_returns():
-    ctx = zmq.Context()
-    dispatcher = Dispatcher(ctx, node_id="n1")
-    results: list[tuple[int, int]] = []
-    done = threading.Event()
-
-    def on_result(identity, header, payload, body):
-        results.append((header.chunk_id, header.attempt))
-        if len(results) == 2:
-            done.set()
-
-    dispatcher.add_job(JobRoute("j1", 1, protocol.control("job", "j1", task="identity", params={}, epoch=1),
-                                on_result=on_result, on_poison=lambda a: None))
-    dispatcher.start()
-    source = dispatcher.open_source_socket()
-    try:
-        for chunk_id in (1, 2):
-            payload = b"a record\n"
-            seg = Segment(file_index=0, start=0, end=len(payload), length=len(payload))
-            source.send_multipart(list(frames.encode(Kind.CHUNK, job_id="j1", epoch=1, chunk_id=chunk_id,
-                                                     payload=payload, segments=[seg], record_count=1)))
-        first = _worker_socket(ctx, dispatcher.endpoint, 0)
-        assert sorted(h.chunk_id for h in _chunks(first, 2)) == [1, 2]
-        first.close(0)  # both chunks die with this connection, unanswered
-
-        second = _worker_socket(ctx, dispatcher.endpoint, 1)
-        again = _chunks(second, 2)
-        assert sorted((h.chunk_id, h.attempt) for h in again) == [(1, 1), (2, 1)]
-        for header in again:
-            second.send_multipart(list(frames.encode(Kind.RESULT, job_id="j1", epoch=1, chunk_id=header.chunk_id,
-                                                     attempt=header.attempt, extra=b"{}")))
-        assert done.wait(10), f"results accepted: {results}"
-        assert sorted(results) == [(1, 1), (2, 1)]
-        assert dispatcher.statistics().resent_chunks == 2
-        second.close(0)
-    finally:
-        source.close(0)
-        dispatcher.stop()
-        ctx.term()
+def _answer(sock: zmq.Socket, header: frames.Header, payload: bytes = b"out\n") -> None:
+    sock.send_multipart(list(frames.encode(Kind.RESULT, job_id="j1", epoch=1, chunk_id=header.chunk_id,
+                                           attempt=header.attempt, payload=payload, extra=b"{}")))
 
 
-def test_a_corrupt_result_from_the_worker_holding_the_chunk_gets_the_chunk_resent():
-    ctx = zmq.Context()
-    dispatcher = Dispatcher(ctx, node_id="n1")
-    results: list[tuple[int, int]] = []
-    done = threading.Event()
+def test_chunks_held_on_a_dropped_connection_are_resent_when_the_worker_returns(bench):
+    for chunk_id in (1, 2):
+        bench.push_chunk(chunk_id)
+    first = bench.worker(0)
+    assert sorted(h.chunk_id for h in _chunks(first, 2)) == [1, 2]
+    first.close(0)  # both chunks die with this connection, unanswered
 
-    def on_result(identity, header, payload, body):
-        results.append((header.chunk_id, header.attempt))
-        done.set()
+    second = bench.worker(1)
+    again = _chunks(second, 2)
+    assert sorted((h.chunk_id, h.attempt) for h in again) == [(1, 1), (2, 1)]
+    for header in again:
+        _answer(second, header)
+    assert bench.wait_results(2) == [(1, 1), (2, 1)]
+    assert bench.dispatcher.statistics().resent_chunks == 2
 
-    dispatcher.add_job(JobRoute("j1", 1, protocol.control("job", "j1", task="identity", params={}, epoch=1),
-                                on_result=on_result, on_poison=lambda a: None))
-    dispatcher.start()
-    source = dispatcher.open_source_socket()
-    worker = _worker_socket(ctx, dispatcher.endpoint, 0)
-    try:
-        payload = b"a record\n"
-        seg = Segment(file_index=0, start=0, end=len(payload), length=len(payload))
-        source.send_multipart(list(frames.encode(Kind.CHUNK, job_id="j1", epoch=1, chunk_id=1, payload=payload,
-                                                 segments=[seg], record_count=1)))
-        (first,) = _chunks(worker, 1)
-        header, _ = frames.encode(Kind.RESULT, job_id="j1", epoch=1, chunk_id=1, attempt=first.attempt,
-                                  payload=b"out\n", extra=b"{}")
-        worker.send_multipart([header, b"oux\n"])  # checksum mismatch: corrupt on the way
-        (again,) = _chunks(worker, 1)
-        assert (again.chunk_id, again.attempt) == (1, first.attempt + 1)
-        worker.send_multipart(list(frames.encode(Kind.RESULT, job_id="j1", epoch=1, chunk_id=1,
-                                                 attempt=again.attempt, payload=b"out\n", extra=b"{}")))
-        assert done.wait(10)
-        assert results == [(1, again.attempt)] and dispatcher.statistics().bad_frames == 1
-    finally:
-        worker.close(0)
-        source.close(0)
-        dispatcher.stop()
-        ctx.term()
+
+def test_a_corrupt_result_from_the_worker_holding_the_chunk_gets_the_chunk_resent(bench):
+    bench.push_chunk(1)
+    worker = bench.worker(0)
+    (first,) = _chunks(worker, 1)
+    header, _ = frames.encode(Kind.RESULT, job_id="j1", epoch=1, chunk_id=1, attempt=first.attempt,
+                              payload=b"out\n", extra=b"{}")
+    worker.send_multipart([header, b"oux\n"])  # checksum mismatch: corrupt on the way
+    (again,) = _chunks(worker, 1)
+    assert (again.chunk_id, again.attempt) == (1, first.attempt + 1)
+    _answer(worker, again)
+    assert bench.wait_results(1) == [(1, again.attempt)]
+    assert bench.dispatcher.statistics().bad_frames == 1
