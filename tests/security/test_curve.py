@@ -4,6 +4,7 @@ and what crosses the port is not plaintext. Real daemons, real worker processes,
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import struct
@@ -12,6 +13,7 @@ import sys
 import threading
 from pathlib import Path
 
+import orjson
 import pytest
 import zmq
 
@@ -307,3 +309,50 @@ def test_two_nodes_with_their_own_keys_share_a_job_over_curve(keys, tmp_path):
             assert b"".join(iter_output(tmp_path / "out")) == _expected(path)
         finally:
             cluster.stop()
+
+
+def _handshake(ctx: zmq.Context, endpoint: str, keys: Keypair, server_key: bytes) -> str:
+    """'ok' or 'refused': what the CURVE handshake of a new DEALER with `keys` comes to."""
+    from zmq.utils.monitor import recv_monitor_message
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    secure_client(sock, keys, server_key)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    try:
+        sock.connect(endpoint)
+        assert monitor.poll(30_000), "no handshake outcome within 30 s"
+        return "ok" if recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED else "refused"
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+
+
+def test_sighup_rereads_the_allowlist(keys, tmp_path):
+    """A node added to the allowlist directory is admitted after `systemctl reload meshd`
+    (SIGHUP), without a restart; meshd names what changed."""
+    (keys / "allow" / "n9.key").unlink()
+    log = tmp_path / "meshd.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mesh.daemon_main", "--coordinator",
+                                 f"embedded://{tmp_path}/state", "--node-id", "n1", "--workers", "1",
+                                 "--curve-key", str(keys / "keys" / "n1.key_secret"),
+                                 "--curve-allow", str(keys / "allow")], stdout=out, stderr=out, env=env)
+    ctx = zmq.Context()
+    try:
+        line = wait_until(lambda: next((l for l in log.read_text().splitlines() if "meshd_ready" in l), None),
+                          60, "meshd ready")
+        endpoint = orjson.loads(line)["endpoint"]
+        server_key = Keypair.load(keys / "keys" / "n1.key_secret").public
+        n9 = Keypair.load(keys / "keys" / "n9.key_secret")
+        assert _handshake(ctx, endpoint, n9, server_key) == "refused"
+        (keys / "allow" / "n9.key").write_bytes((keys / "keys" / "n9.key").read_bytes())
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "allowlist_reloaded" in log.read_text(), 30, "meshd re-reading its allowlist")
+        assert '"added": ["n9"]' in log.read_text()
+        assert _handshake(ctx, endpoint, n9, server_key) == "ok"
+    finally:
+        ctx.term()
+        proc.terminate()
+        assert proc.wait(30) == 0
