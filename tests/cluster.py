@@ -38,6 +38,12 @@ class Cluster:
         self.daemons[node_id] = proc
         return proc
 
+    def start_nodes(self, nodes, *, lease_ttl_s: float, timeout_s: float = 60) -> None:
+        """Start a meshd per node id and wait until the registry lists exactly them."""
+        for node in nodes:
+            self.start_daemon(node, lease_ttl_s=lease_ttl_s)
+        self.wait_nodes(set(nodes), timeout_s)
+
     def node_ids(self) -> set[str]:
         return {n["id"] for n in self.client.nodes()}
 
@@ -85,6 +91,13 @@ def slow_job(cluster: Cluster, tmp_path: Path, records: bytes, *, name: str = "j
     job = cluster.client.submit([str(path)], "sample_tasks:slow", {"delay_s": delay_s}, out=str(tmp_path / name),
                                 chunk_size=chunk_size)
     return job, records * copies
+
+
+def job_under_way(cluster: Cluster, tmp_path: Path, records: bytes, *, chunks: int, **slow_job_options):
+    """`slow_job`, returned once `chunks` of its chunks are done (a fault now hits it mid-way)."""
+    job, expected = slow_job(cluster, tmp_path, records, **slow_job_options)
+    cluster.wait_for(lambda: progress(job).get("chunks_done", 0) >= chunks, 60, f"{chunks} chunks done")
+    return job, expected
 
 
 def progress(job) -> dict:

@@ -15,26 +15,31 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Callable
 
 import pytest
 
+from waiting import wait_until
 from mesh.coordinator.errors import Compacted, LeaseNotFound, StoreError
 from mesh.coordinator.store import (
     Compare, Delete, DeletePrefix, Event, Get, Put, Range, absent, created_at, mod_is, value_is,
     version_is,
 )
 
+def opened_stores(open_store):
+    """The body of a `store_factory` fixture: yields a factory calling `open_store(...)`, and
+    closes every store it opened when the test ends."""
+    opened = []
+
+    def factory(*args, **kwargs):
+        opened.append(open_store(*args, **kwargs))
+        return opened[-1]
+
+    yield factory
+    for store in opened:
+        store.close()
+
+
 WAIT_S = 10.0  # the longest any condition may take to become true (lease expiry on etcd ~2.5 s)
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    """Poll `predicate` until true; fail naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def collect(watch, count: int, timeout_s: float = WAIT_S) -> list[Event]:
@@ -228,7 +233,7 @@ class StoreContract:
     def test_expired_lease_deletes_keys_and_refuses_use(self, store, ns):
         lease = store.grant_lease(1)
         store.put(ns + "k", b"1", lease=lease.id)
-        wait_until(lambda: store.get(ns + "k") is None, "the leased key to expire")
+        wait_until(lambda: store.get(ns + "k") is None, WAIT_S, "the leased key to expire")
         assert store.lease_ttl(lease.id) == -1
         with pytest.raises(LeaseNotFound):
             store.keepalive(lease.id)

@@ -11,7 +11,7 @@ import pytest
 from mesh.coordinator.embedded import DB_NAME, open_embedded_store
 from mesh.coordinator.errors import Compacted, LeaseNotFound, StoreError, StoreUnavailable
 from mesh.coordinator.store import Put, mod_is
-from store_contract import StoreContract, collect
+from store_contract import StoreContract, collect, opened_stores
 
 
 class FakeClock:
@@ -34,15 +34,7 @@ def state_dir(tmp_path):
 
 @pytest.fixture
 def store_factory(state_dir):
-    opened = []
-
-    def factory(**kwargs):
-        opened.append(open_embedded_store(state_dir, **kwargs))
-        return opened[-1]
-
-    yield factory
-    for client in opened:
-        client.close()
+    yield from opened_stores(lambda **kwargs: open_embedded_store(state_dir, **kwargs))
 
 
 @pytest.fixture

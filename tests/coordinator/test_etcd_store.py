@@ -17,7 +17,8 @@ from mesh.coordinator.connect import open_store
 from mesh.coordinator.errors import LeaseNotFound, StoreAuthError, StoreError, StoreUnavailable
 from mesh.coordinator.etcd import open_etcd_store, parse_endpoints
 from mesh.coordinator.store import Put, Store, Watch
-from store_contract import StoreContract, collect, wait_until
+from store_contract import WAIT_S, StoreContract, collect, opened_stores
+from waiting import wait_until
 
 TIMEOUT_S = 2.0  # per call: small, so the unavailability tests stay fast
 
@@ -30,16 +31,8 @@ def etcd():
 
 @pytest.fixture
 def store_factory(etcd):
-    opened = []
-
-    def factory(url: str | None = None, **kwargs):
-        kwargs.setdefault("timeout_s", TIMEOUT_S)
-        opened.append(open_etcd_store(url or etcd.url, **kwargs))
-        return opened[-1]
-
-    yield factory
-    for client in opened:
-        client.close()
+    yield from opened_stores(lambda url=None, **kwargs: open_etcd_store(url or etcd.url,
+                                                                        **{"timeout_s": TIMEOUT_S, **kwargs}))
 
 
 @pytest.fixture
@@ -211,7 +204,7 @@ def test_lease_expiry_is_seen_by_another_client(store, store_factory):
     other = store_factory()
     lease = store.grant_lease(1)
     store.put("member", b"1", lease=lease.id)
-    wait_until(lambda: other.get("member") is None, "the lease to expire")
+    wait_until(lambda: other.get("member") is None, WAIT_S, "the lease to expire")
     with pytest.raises(LeaseNotFound):
         other.keepalive(lease.id)
 

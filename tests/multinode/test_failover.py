@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from cluster import progress, slow_job
+from cluster import job_under_way, progress, slow_job
 from mesh.outputs import iter_output, list_parts
 
 LEASE_TTL_S = 2.0
@@ -18,11 +18,8 @@ def owner_of(cluster, job) -> str:
 
 
 def test_a_killed_owner_is_replaced_and_the_job_resumes_from_committed_offsets(cluster, access_log_records, tmp_path):
-    for node in ("n1", "n2", "n3"):
-        cluster.start_daemon(node, lease_ttl_s=LEASE_TTL_S)
-    cluster.wait_nodes({"n1", "n2", "n3"}, 60)
-    job, expected = slow_job(cluster, tmp_path, access_log_records)
-    cluster.wait_for(lambda: progress(job).get("chunks_done", 0) >= 10, 60, "work committed")
+    cluster.start_nodes(("n1", "n2", "n3"), lease_ttl_s=LEASE_TTL_S)
+    job, expected = job_under_way(cluster, tmp_path, access_log_records, chunks=10)
     first = progress(job)
     cluster.daemons[first["owner"]].send_signal(signal.SIGKILL)
     status = job.wait(timeout_s=120)
@@ -38,9 +35,7 @@ def test_a_killed_owner_is_replaced_and_the_job_resumes_from_committed_offsets(c
 
 
 def test_a_zombie_owner_is_fenced_out_and_steps_down(cluster, access_log_records, tmp_path):
-    for node in ("n1", "n2"):
-        cluster.start_daemon(node, lease_ttl_s=LEASE_TTL_S)
-    cluster.wait_nodes({"n1", "n2"}, 60)
+    cluster.start_nodes(("n1", "n2"), lease_ttl_s=LEASE_TTL_S)
     job, expected = slow_job(cluster, tmp_path, access_log_records)
     zombie = owner_of(cluster, job)
     cluster.wait_for(lambda: progress(job).get("chunks_done", 0) >= 5, 60, "work committed")
@@ -62,11 +57,8 @@ def test_a_zombie_owner_is_fenced_out_and_steps_down(cluster, access_log_records
 
 
 def test_etcd_down_longer_than_a_lease_mid_job(cluster, access_log_records, tmp_path):
-    for node in ("n1", "n2"):
-        cluster.start_daemon(node, lease_ttl_s=LEASE_TTL_S)
-    cluster.wait_nodes({"n1", "n2"}, 60)
-    job, expected = slow_job(cluster, tmp_path, access_log_records)
-    cluster.wait_for(lambda: progress(job).get("chunks_done", 0) >= 5, 60, "work committed")
+    cluster.start_nodes(("n1", "n2"), lease_ttl_s=LEASE_TTL_S)
+    job, expected = job_under_way(cluster, tmp_path, access_log_records, chunks=5)
     cluster.etcd.stop()
     time.sleep(LEASE_TTL_S * 2)  # the fault itself: etcd stays down for two lease TTLs
     cluster.etcd.start()
@@ -78,11 +70,8 @@ def test_etcd_down_longer_than_a_lease_mid_job(cluster, access_log_records, tmp_
 
 def test_the_whole_mesh_killed_and_restarted_resumes_redoing_a_bounded_amount(cluster, access_log_records, tmp_path):
     nodes = ("n1", "n2")
-    for node in nodes:
-        cluster.start_daemon(node, lease_ttl_s=LEASE_TTL_S)
-    cluster.wait_nodes(set(nodes), 60)
-    job, expected = slow_job(cluster, tmp_path, access_log_records, copies=4, delay_s=0.05)
-    cluster.wait_for(lambda: progress(job).get("chunks_done", 0) >= 20, 60, "work committed")
+    cluster.start_nodes(nodes, lease_ttl_s=LEASE_TTL_S)
+    job, expected = job_under_way(cluster, tmp_path, access_log_records, chunks=20, copies=4, delay_s=0.05)
     durable = progress(job)["durable"]["chunks_done"]
     for node in nodes:
         cluster.daemons[node].send_signal(signal.SIGKILL)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import signal
 
-from cluster import progress, slow_job
+from cluster import job_under_way, progress, slow_job
 from mesh.outputs import iter_output, list_parts
 
 LEASE_TTL_S = 2.0
@@ -15,11 +15,8 @@ def state_of(cluster, node: str) -> str | None:
 
 
 def test_a_drained_node_takes_no_new_chunks_hands_its_jobs_over_and_comes_back(cluster, access_log_records, tmp_path):
-    for node in ("n1", "n2"):
-        cluster.start_daemon(node, lease_ttl_s=LEASE_TTL_S)
-    cluster.wait_nodes({"n1", "n2"}, 60)
-    job, expected = slow_job(cluster, tmp_path, access_log_records)
-    cluster.wait_for(lambda: progress(job).get("chunks_done", 0) >= 5, 60, "work under way")
+    cluster.start_nodes(("n1", "n2"), lease_ttl_s=LEASE_TTL_S)
+    job, expected = job_under_way(cluster, tmp_path, access_log_records, chunks=5)
     owner = progress(job)["owner"]
     other = ({"n1", "n2"} - {owner}).pop()
     assert cluster.meshctl("drain", owner).returncode == 0
@@ -39,11 +36,8 @@ def test_a_drained_node_takes_no_new_chunks_hands_its_jobs_over_and_comes_back(c
 
 
 def test_sigterm_drains_exits_0_and_loses_nothing(cluster, access_log_records, tmp_path):
-    for node in ("n1", "n2"):
-        cluster.start_daemon(node, lease_ttl_s=LEASE_TTL_S)
-    cluster.wait_nodes({"n1", "n2"}, 60)
-    job, expected = slow_job(cluster, tmp_path, access_log_records)
-    cluster.wait_for(lambda: progress(job).get("chunks_done", 0) >= 5, 60, "work under way")
+    cluster.start_nodes(("n1", "n2"), lease_ttl_s=LEASE_TTL_S)
+    job, expected = job_under_way(cluster, tmp_path, access_log_records, chunks=5)
     owner = progress(job)["owner"]
     daemon = cluster.daemons[owner]
     daemon.send_signal(signal.SIGTERM)
@@ -59,11 +53,8 @@ def test_sigterm_drains_exits_0_and_loses_nothing(cluster, access_log_records, t
 
 def test_a_rolling_restart_during_a_job_completes_it_exactly(cluster, access_log_records, tmp_path):
     nodes = ("n1", "n2", "n3")
-    for node in nodes:
-        cluster.start_daemon(node, lease_ttl_s=LEASE_TTL_S)
-    cluster.wait_nodes(set(nodes), 60)
-    job, expected = slow_job(cluster, tmp_path, access_log_records, copies=6, delay_s=0.1)
-    cluster.wait_for(lambda: progress(job).get("chunks_done", 0) >= 5, 60, "work under way")
+    cluster.start_nodes(nodes, lease_ttl_s=LEASE_TTL_S)
+    job, expected = job_under_way(cluster, tmp_path, access_log_records, chunks=5, copies=6, delay_s=0.1)
     for node in nodes:  # one after another, as a deploy would
         daemon = cluster.daemons[node]
         daemon.send_signal(signal.SIGTERM)
