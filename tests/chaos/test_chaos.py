@@ -466,9 +466,8 @@ def test_a_killed_meshd_leaves_no_process_behind(tmp_path, moment):
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             grace_s = 5.0
-            deadline = time.monotonic() + grace_s
-            while (alive := [p for p in descendants if _alive(p)]) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _, alive = psutil.wait_procs(descendants, timeout=grace_s)
+            alive = [p for p in alive if _alive(p)]  # a zombie not yet reaped by init is gone too
             described = [f"{'worker' if p.pid in workers else 'child'} pid {p.pid} (ppid {p.ppid()}): "
                          f"{' '.join(p.cmdline())[:90]}" for p in alive]
             assert not alive, (f"{len(alive)} of {len(descendants)} processes of a SIGKILLed meshd still run "

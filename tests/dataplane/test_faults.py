@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import orjson
 import zmq
@@ -49,12 +48,11 @@ def test_in_flight_data_is_bounded_whatever_the_input_size(mesh, access_log_reco
     peak = {"bytes": 0, "chunks": 0}
     done = threading.Event()
 
-    def sample():
-        while not done.is_set():
+    def sample():  # every 2 ms until the job is done
+        while not done.wait(0.002):
             s = mesh.daemon.dispatcher.statistics()
             peak["bytes"] = max(peak["bytes"], s.in_flight_bytes)
             peak["chunks"] = max(peak["chunks"], s.in_flight_chunks)
-            time.sleep(0.002)
 
     sampler = threading.Thread(target=sample)
     sampler.start()

@@ -21,7 +21,10 @@ def peak_tree_rss(cmd: list[str], timeout_s: float = 300) -> int:
             peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
         except psutil.NoSuchProcess:
             pass
-        time.sleep(0.02)  # sampling period of the measurement, not synchronisation
+        try:
+            proc.wait(0.02)  # the sampling period, cut short when the run ends
+        except subprocess.TimeoutExpired:
+            pass
     assert proc.returncode == 0, proc.stderr.read().decode()
     return peak
 
