@@ -52,6 +52,8 @@ _TASK_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 _TASK_BUILTIN = re.compile(r"[a-z_]+")
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _RACE_RETRIES = 10  # read-then-CAS loops give up after this many lost races in a row
+_TXN_BATCH = 64     # operations per read txn (etcd refuses more than 128 by default)
+_CANCELLED_AT_CLAIM = "cancelled while its owner was failing over or handing it back"
 
 
 def _is_int(value: object) -> bool:
@@ -320,23 +322,42 @@ class JobStore:
     # -- ownership -------------------------------------------------------------------------
     def claim(self, job_id: str, node_id: str, lease_id: int) -> int | None:
         """Become the job's owner: in one txn, create the owner key on `lease_id` and set the
-        state running, provided nobody owns it and it is pending or running (a running job
-        without owner lost its owner's lease). Return the epoch (the owner key's create
-        revision), or None when another node owns it or the job is finished. Raises
-        LeaseNotFound when the caller's own lease is gone."""
-        owner_key, state_key = self.key(job_id, "owner"), self.key(job_id, "state")
+        state running, provided nobody owns it, it is pending or running (a running job
+        without owner lost its owner's lease) and nobody asked to cancel it. Return the epoch
+        (the owner key's create revision), or None when another node owns it or the job is
+        finished. Raises LeaseNotFound when the caller's own lease is gone.
+
+        A job with a cancel mark is never handed to a new owner: the mark was put while an
+        owner held the job (request_cancel only marks an owned job), and that owner died or
+        handed the job back before acting on it. The mark is read in the same snapshot as the
+        owner and state, and the txn requires it still absent, so a mark put in between is not
+        missed either: the job is cancelled here instead (`_cancel_unowned`), and None returned."""
+        owner_key, state_key, cancel_key = (self.key(job_id, p) for p in ("owner", "state", "cancel"))
         for _ in range(_RACE_RETRIES):
-            _, state_kv, owner_kv = self._read(job_id, "state", "owner")
+            _, state_kv, owner_kv, cancel_kv = self._read(job_id, "state", "owner", "cancel")
             if owner_kv is not None or state_kv is None:
                 return None
             if _loads(state_kv).get("state") not in ("pending", "running"):
                 return None
-            result = self.store.txn([absent(owner_key), mod_is(state_key, state_kv.mod_revision)], [
+            if cancel_kv is not None:
+                if self._cancel_unowned(job_id, state_kv, _CANCELLED_AT_CLAIM):
+                    return None
+                continue  # another writer came first: re-read
+            compares = [absent(owner_key), mod_is(state_key, state_kv.mod_revision), absent(cancel_key)]
+            result = self.store.txn(compares, [
                 Put(owner_key, _dumps({"node": node_id}), lease=lease_id),
                 Put(state_key, self._state_doc("running", f"claimed by {node_id}"))])
             if result.succeeded:
                 return result.revision
         return None
+
+    def _cancel_unowned(self, job_id: str, state_kv: KeyValue, reason: str, *, mark: Put | None = None) -> bool:
+        """Set an unowned job cancelled, in one txn that holds only while nobody owns it and its
+        state is still `state_kv`; put the cancel `mark` in the same txn when given. Return
+        whether it was done (False: a claim or another writer came first; re-read and decide)."""
+        owner_key, state_key = self.key(job_id, "owner"), self.key(job_id, "state")
+        ops = [Put(state_key, self._state_doc("cancelled", reason))] + ([mark] if mark is not None else [])
+        return self.store.txn([absent(owner_key), mod_is(state_key, state_kv.mod_revision)], ops).succeeded
 
     def _fenced(self, job_id: str, epoch: int, ops: list) -> int:
         if not _is_int(epoch) or epoch < 1:
@@ -395,22 +416,20 @@ class JobStore:
     def request_cancel(self, job_id: str) -> str:
         """Ask for the job to stop; return its state afterwards. A job nobody owns (pending,
         or running with a dead owner) is cancelled at once in one txn; an owned one gets the
-        cancel key and its owner stops it; a finished one is left alone."""
-        cancel_key, state_key, owner_key = (self.key(job_id, p) for p in ("cancel", "state", "owner"))
+        cancel key and its owner stops it (or, should that owner die first, the next `claim`
+        cancels the job instead of running it); a finished one is left alone."""
+        spec_key = self.key(job_id, "spec")
         for _ in range(_RACE_RETRIES):
             spec_kv, state_kv, owner_kv = self._read(job_id, "state", "owner")
             state = _loads(state_kv).get("state") if state_kv else None
             if state in TERMINAL_STATES:
                 return state
-            mark = Put(cancel_key, _dumps({"requested_at": self._wall_clock()}))
+            mark = Put(self.key(job_id, "cancel"), _dumps({"requested_at": self._wall_clock()}))
             if owner_kv is None and state_kv is not None:
-                compares = [absent(owner_key), mod_is(state_key, state_kv.mod_revision)]
-                ops = [mark, Put(state_key, self._state_doc("cancelled", "cancelled before an owner ran it"))]
-                new_state = "cancelled"
-            else:
-                compares, ops, new_state = [created_at(spec_kv.key, spec_kv.create_revision)], [mark], state
-            if self.store.txn(compares, ops).succeeded:
-                return new_state
+                if self._cancel_unowned(job_id, state_kv, "cancelled before an owner ran it", mark=mark):
+                    return "cancelled"
+            elif self.store.txn([created_at(spec_key, spec_kv.create_revision)], [mark]).succeeded:
+                return state
         raise StoreError(f"job {job_id}: cancel lost {_RACE_RETRIES} races in a row; retry")
 
     def replay(self, job_id: str, offsets: dict, info: dict) -> None:
@@ -437,6 +456,18 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.store.get(self.key(job_id, "cancel")) is not None
+
+    def cancel_marked(self, job_ids) -> set[str]:
+        """Which of `job_ids` have a cancel mark: one read txn of a Get per job (per 64 jobs, under
+        etcd's default limit of 128 operations per txn), not a range over every job. A daemon
+        calls it for the jobs it owns after each (re-)watch: a mark put while its watch was
+        being re-made (after a compaction) has no event it will ever see."""
+        job_ids, marked = list(job_ids), set()
+        for start in range(0, len(job_ids), _TXN_BATCH):
+            batch = job_ids[start:start + _TXN_BATCH]
+            found = self.store.txn([], [Get(self.key(j, "cancel")) for j in batch]).responses
+            marked.update(j for j, kv in zip(batch, found) if kv is not None)
+        return marked
 
     def watch_jobs(self, start_revision: int | None = None) -> Watch:
         """A watch over every job record; map keys back with parse_key()."""

@@ -14,6 +14,9 @@ def cmd_keys_generate(args) -> int:
     except MeshError as exc:
         print(f"meshctl: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. the directory is not writable, or a directory holds the name
+        print(f"meshctl: cannot write the keypair in {args.dir}: {exc}", file=sys.stderr)
+        return 2
     public = public_path.read_text().split('public-key = "', 1)[1].split('"', 1)[0]
     print(f"secret key: {secret_path} (mode 0600: keep it on node {args.name}; meshd --curve-key {secret_path})")
     print(f"public key: {public_path} (copy it into the --curve-allow directory of every node)")

@@ -110,6 +110,25 @@ class Job:
         return info
 
 
+def check_output_free(out: str) -> None:
+    """Refuse at submit an output directory that already holds a job's output, or anything,
+    where this client can see it (the owning daemon checks again when it binds the directory,
+    exclusively, and is the one that decides)."""
+    from mesh.errors import OutputError
+    from mesh.outputs import already_bound_message, bound_job
+
+    job = bound_job(out)
+    if job is not None:
+        raise OutputError(out, already_bound_message(out, job))
+    try:
+        entries = [e.name for e in os.scandir(out) if not e.name.startswith(".")]
+    except OSError:
+        return
+    if entries:
+        raise OutputError(out, f"output directory {out} is not empty (it holds {entries[0]!r}, ...); "
+                               "choose another --out or remove it")
+
+
 class Client:
     def __init__(self, coordinator: str | None = None, *, store: Store | None = None,
                  prefix: str = "chunkmesh/", max_pending: int | None = None):
@@ -164,6 +183,7 @@ class Client:
         config = self.cluster_config()  # one read for the defaults, the pending limit and the roots
         spec = self.make_spec(inputs, task, params, out=out, config=config, **options)
         check_job_paths(spec.validate(), config.input_roots, config.output_roots)
+        check_output_free(spec.out)
         limit = self.max_pending if self.max_pending is not None else config.max_pending_jobs
         return Job(self.jobs, self.jobs.submit(spec, max_pending=limit))
 

@@ -266,13 +266,7 @@ class Daemon:
                 if self.lease is None:
                     self._register()
                 if watch is None:
-                    revision = self.store.revision()
-                    watch = self.store.watch(self.cfg.prefix, start_revision=revision + 1)
-                    self._load_nodes()
-                    self._apply_config(self.node_config.refresh())
-                    if self.store.get(self.drain_key) is not None and not self.draining:
-                        self.drain()
-                    self._rescan.set()
+                    watch = self._open_watch()
                 if self._rescan.is_set():
                     self._rescan.clear()
                     self._scan_claimable()
@@ -302,6 +296,24 @@ class Daemon:
                 self._stop.wait(0.5)
         if watch is not None:
             watch.cancel()
+
+    def _open_watch(self):
+        """A watch from now on, then a re-read of what its events would have told (at start,
+        and after a compaction left a gap): nodes, config, our drain key, cancel marks of the
+        jobs we own. Should a re-read fail, the watch is cancelled and the caller opens a new
+        one next time: a watch kept after a half-done re-read would leave that gap unread."""
+        watch = self.store.watch(self.cfg.prefix, start_revision=self.store.revision() + 1)
+        try:
+            self._load_nodes()
+            self._apply_config(self.node_config.refresh())
+            if self.store.get(self.drain_key) is not None and not self.draining:
+                self.drain()
+            self._cancel_marked_owners()
+        except BaseException:
+            watch.cancel()
+            raise
+        self._rescan.set()
+        return watch
 
     @property
     def registered(self) -> bool:
@@ -360,6 +372,20 @@ class Daemon:
             configure_logging(config.log_level)
         self._record_dirty.set()  # peers and `meshctl config status` see the version we run
         self._rescan.set()        # max_jobs_per_node may have grown
+
+    def _cancel_marked_owners(self) -> None:
+        """Cancel the owners of jobs with a cancel mark, read once after each (re-)watch. A mark
+        put before the watch's start revision (while the watch was re-made after a compaction)
+        has no event this daemon will ever see; one put after it may also come as an event, and
+        a second cancel of an owner is a no-op. Jobs we do not own need nothing here: `claim`
+        cancels a marked job instead of handing it to a new owner."""
+        with self._owners_lock:
+            owners = dict(self.owners)
+        if not owners:
+            return
+        for job_id in sorted(self.jobs.cancel_marked(owners)):
+            self.log.info("cancel_read_after_rewatch", job=job_id)
+            owners[job_id].cancel()
 
     def _on_job_event(self, event, job_id: str, leaf: str) -> bool:
         """React to a change of one job; return True when claimable jobs may have appeared."""

@@ -45,8 +45,9 @@ class Assignment:
     reason: str = ""     # why the last of them died
 
     @property
-    def key(self) -> tuple[str, int]:
-        return self.header.job_id, self.header.chunk_id
+    def key(self) -> tuple[str, int, int]:
+        """Chunk ids are numbered per epoch: only (job, epoch, chunk) names one assignment."""
+        return self.header.job_id, self.header.epoch, self.header.chunk_id
 
     @property
     def nbytes(self) -> int:
@@ -84,6 +85,7 @@ class DispatcherStatistics:
     bad_frames: int
     stale_results: int
     dropped_chunks: int = 0
+    other_epoch_reports: int = 0  # results and verdicts of an epoch that no longer owns its job: dropped
     results: int = 0  # results accepted (chunks done here, for every job)
 
 
@@ -131,8 +133,11 @@ class Dispatcher:
     def add_job(self, route: JobRoute) -> None:
         self._command(("add_job", route))
 
-    def remove_job(self, job_id: str) -> None:
-        self._command(("remove_job", job_id))
+    def remove_job(self, job_id: str, epoch: int) -> None:
+        """Forget the route of `job_id` at `epoch` (a newer epoch's route, added meanwhile by the
+        same daemon re-claiming the job, stays). Chunks of that epoch still held by workers stay
+        outstanding until answered (their credits come back) but their results are dropped."""
+        self._command(("remove_job", (job_id, epoch)))
 
     def worker_lost(self, identity: bytes, reason: str = "") -> None:
         self._command(("worker_lost", (identity, reason)))
@@ -227,9 +232,13 @@ class Dispatcher:
                 return
             if name == "add_job":
                 self.jobs[arg.job_id] = arg
+                self.retry = deque(a for a in self.retry if self._current(a.header))
             elif name == "remove_job":
-                self.jobs.pop(arg, None)
-                self.retry = deque(a for a in self.retry if a.header.job_id != arg)
+                job_id, epoch = arg
+                route = self.jobs.get(job_id)
+                if route is not None and route.epoch == epoch:  # not a newer epoch's route
+                    del self.jobs[job_id]
+                self.retry = deque(a for a in self.retry if self._current(a.header))
             elif name == "worker_lost":
                 for identity in self._connections_of(arg[0]):
                     self._lose_worker(identity, reason=arg[1])
@@ -327,12 +336,19 @@ class Dispatcher:
         except zmq.ZMQError as exc:
             self.log.info("control_not_sent", worker=identity, error=str(exc))
 
+    def _current(self, header: Header) -> bool:
+        """Is `header` of the epoch that owns its job here now? Reports of any other epoch (an
+        owner that stepped down, then the same daemon re-claimed the job) are never delivered:
+        chunk ids restart in every epoch."""
+        route = self.jobs.get(header.job_id)
+        return route is not None and route.epoch == header.epoch
+
     def _expected(self, identity: bytes, header: Header) -> Assignment | None:
-        """The assignment a result answers: sent on this very connection, same job, chunk, epoch
+        """The assignment a result answers: sent on this very connection, same job, epoch, chunk
         and attempt. Anything else (a replay, a late answer to a re-sent chunk) is stale."""
         link = self.workers.get(identity)
-        assignment = link.outstanding.get((header.job_id, header.chunk_id)) if link else None
-        if assignment is None or (assignment.header.attempt, assignment.header.epoch) != (header.attempt, header.epoch):
+        assignment = link.outstanding.get((header.job_id, header.epoch, header.chunk_id)) if link else None
+        if assignment is None or assignment.header.attempt != header.attempt:
             return None
         return assignment
 
@@ -343,21 +359,22 @@ class Dispatcher:
             return frames.decode_payload(header, frame.buffer)
         except FrameError:
             link = self.workers[identity]
-            assignment = link.outstanding.pop((header.job_id, header.chunk_id))
+            assignment = link.outstanding.pop((header.job_id, header.epoch, header.chunk_id))
             link.credits += 1
-            self.retry.appendleft(assignment)
+            if self._current(header):
+                self.retry.appendleft(assignment)
             self._stats.resent_chunks += 1
             raise
 
     def _on_result(self, identity: bytes, header: Header, payload) -> None:
         link = self.workers[identity]
-        del link.outstanding[(header.job_id, header.chunk_id)]
+        del link.outstanding[(header.job_id, header.epoch, header.chunk_id)]
         link.credits += 1
         self._stats.results += 1
-        route = self.jobs.get(header.job_id)
-        if route is None:
-            return  # job removed (cancelled or finished): drop
-        route.on_result(identity, header, payload, protocol.body_of(header))
+        if not self._current(header):  # job removed (finished, cancelled) or of an older epoch: drop
+            self._stats.other_epoch_reports += 1
+            return
+        self.jobs[header.job_id].on_result(identity, header, payload, protocol.body_of(header))
 
     def _lose_worker(self, identity: bytes, *, blame: bool = True, reason: str = "") -> None:
         link = self.workers.pop(identity, None)
@@ -368,9 +385,9 @@ class Dispatcher:
             held[0].blame += 1  # only the chunk it was executing is blamed
             held[0].reason = reason or held[0].reason
         for assignment in reversed(held):
-            route = self.jobs.get(assignment.header.job_id)
-            if route is None:
+            if not self._current(assignment.header):  # its owner is gone: nobody waits for it
                 continue
+            route = self.jobs[assignment.header.job_id]
             if assignment.blame >= self.max_blame:
                 route.on_poison(assignment)
             else:
@@ -392,11 +409,11 @@ class Dispatcher:
                     return
                 header = frames.decode_header(parts[0].buffer)
                 assignment = Assignment(header=header, parts=[parts[0].bytes, parts[1]])
-                if header.job_id not in self.jobs:
+                if not self._current(header):
                     # add_job is queued before the job's source starts pushing: apply it now,
                     # or the job's first chunks would be taken for a removed job's
                     self._apply_commands()
-            if assignment.header.job_id in self.jobs:
+            if self._current(assignment.header):
                 self._send(link, assignment)
             else:
                 self._stats.dropped_chunks += 1  # the job was removed (cancelled, finished, failed)
@@ -416,9 +433,9 @@ class Dispatcher:
     def _send(self, link: WorkerLink, assignment: Assignment) -> None:
         route = self.jobs[assignment.header.job_id]
         try:
-            if route.job_id not in link.known_jobs:
+            if (route.job_id, route.epoch) not in link.known_jobs:  # a new epoch may run new task code
                 protocol.send(self.router, route.job_message, identity=link.identity)
-                link.known_jobs.add(route.job_id)
+                link.known_jobs.add((route.job_id, route.epoch))
             protocol.send(self.router, assignment.parts, identity=link.identity)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone
             self.log.info("worker_unreachable", worker=link.identity, error=str(exc))

@@ -1,34 +1,44 @@
-"""The output directory of a job: names, atomic writes, and reading it back in input order.
+"""The output directory of a job: its binding to the job, pending files, and what a commit makes visible.
 
 Layout::
 
-    OUT/_inputs.json                    the job id and the resolved input files (index -> path)
-    OUT/part-FFFFFFFF-OOOOOOOOOOOOOOO.zst   map output of the chunk starting at (file F, offset O)
-    OUT/part-FFFFFFFF-OOOOOOOOOOOOOOO.json  reduce partial of that chunk
-    OUT/dead-FFFFFFFF-OOOOOOOOOOOOOOO.jsonl dead letters of that chunk (file, offset, error, record)
+    OUT/_plan.jsonl            the frozen plan: line 1 {"job", "chunk_size", ...}, then one input
+                               file per line (identity, bundle). Created exclusively (a hard link
+                               that fails if the name exists): it binds OUT to its job.
+    OUT/.pending/eEPOCH/NAME   pending files of the owner of that epoch (temp + fsync + rename
+                               inside). Never read by anyone but a later owner finalising them.
+    OUT/part-FFFFFFFF-OOOOOOOOOOOOOOO.zst    map output of the chunk whose frozen key is (F, O)
+    OUT/part-FFFFFFFF-OOOOOOOOOOOOOOO.json   reduce partial of that chunk
+    OUT/dead-FFFFFFFF-OOOOOOOOOOOOOOO.jsonl  dead letters of that chunk (file, offset, error, record)
     OUT/unreadable-FFFFFFFF-OOOOOOOOOOOOOOO.jsonl  input that could not be read from (file F, offset O)
-    OUT/_result.json                    reduce result, OUT/_summary.json: the job summary
+    OUT/_result.json, OUT/_summary.json      reduce result and job summary, written once done
 
-A part is keyed by where its chunk starts, so a replayed chunk replaces its part instead of
-adding one. Every file appears only complete: temp file + fsync + rename, and the directory is
-fsynced before offsets that depend on those parts are committed.
+Visible = committed (DESIGN.md, "The commit protocol"). A visible part appears only by renaming a
+pending file after the fenced store commit that lists it; a new owner repeats the renames of the
+last commit (idempotent) and deletes every older epoch's pending directory, so an owner that lost
+its lease (and does not know it yet) can write only into a directory nobody will ever read, and
+can never recreate it. Nothing removes a visible part except a replay's rewind, applied by the
+replay's owner after the rewind was committed.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import re
+import secrets
+import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import orjson
 
 from mesh.codecs.compression import get_codec
 from mesh.errors import OutputError
 
-INPUTS = "_inputs.json"
+PLAN = "_plan.jsonl"
 SUMMARY = "_summary.json"
 RESULT = "_result.json"
+PENDING = ".pending"
+PLAN_VERSION = 1
 _PART = re.compile(r"^(part|dead|unreadable)-(\d{8})-(\d{15})\.(zst|json|jsonl)$")
 _NAMES = {"part": ("part", "zst"), "partial": ("part", "json"), "dead": ("dead", "jsonl"),
           "unreadable": ("unreadable", "jsonl")}
@@ -41,111 +51,241 @@ def part_name(kind: str, file_index: int, offset: int) -> str:
     return f"{prefix}-{file_index:08d}-{offset:015d}.{suffix}"
 
 
-class OutputDir:
-    """Writes one job's output directory; every write is atomic and durable."""
+def key_of(name: str) -> tuple[int, int] | None:
+    """(file index, offset) of a part, partial or dead-letter file name; None for any other name."""
+    m = _PART.match(name)
+    return (int(m.group(2)), int(m.group(3))) if m else None
 
-    def __init__(self, path: str | os.PathLike):
+
+def _write_file(path: Path, data: bytes | memoryview, *, what: str, out: Path) -> None:
+    """`data` as `path`, complete or not at all: a uniquely named temp file beside it (created
+    exclusively, never through a planted link), fsynced, renamed over `path`."""
+    tmp = path.parent / f".tmp.{path.name}.{secrets.token_hex(6)}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # never created, or its directory is gone
+        raise OutputError(str(out), f"cannot write {what} in {out}: {exc.strerror}") from exc
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that renames done in it so far survive a crash."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OutputError(str(path), f"cannot sync directory {path}: {exc.strerror}") from exc
+
+
+class OutputDir:
+    """One job's output directory as its owner of one epoch writes it."""
+
+    def __init__(self, path: str | os.PathLike, *, job_id: str, epoch: int):
         self.path = Path(path)
-        self._counter = itertools.count()
+        self.job_id, self.epoch = job_id, epoch
+        self.pending = self.path / PENDING / f"e{epoch}"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(str(self.path), f"cannot create output directory {self.path}: {exc.strerror}") from exc
 
-    def claim(self, job_id: str, list_inputs: Callable[[], list[str]],
-              check_inputs: Callable[[list[str]], object] = lambda files: None) -> list[str]:
-        """Bind this directory to `job_id`; return the input list it was bound with (inputs are
-        listed, by `list_inputs`, only when it is bound for the first time). `check_inputs`
-        sees the list either way, listed now (before it is written) or stored (a resume), and
-        raises to refuse it: then nothing is written.
+    # -- binding: one output, one job --
+    def bind(self, freeze: Callable[[], list[dict]], check: Callable[[list[dict]], object] = lambda files: None
+             ) -> list[dict]:
+        """Bind this directory to the job and return its frozen plan (one dict per input file).
 
-        A directory that holds another job's output is refused (never mix two jobs' parts);
-        one bound to this job already (a resumed job) keeps its original input list, so the
-        file indexes in part names keep their meaning.
-        """
-        inputs = self.path / INPUTS
-        if inputs.exists():
-            doc = orjson.loads(inputs.read_bytes())
-            if doc.get("job") != job_id:
-                raise OutputError(str(self.path), f"output directory {self.path} already holds the output of job "
-                                                  f"{doc.get('job')}; choose another --out or remove it")
-            files = list(doc["files"])
-            check_inputs(files)
-            return files
-        if any(self.path.iterdir()):
+        The plan is made by `freeze` only the first time; every later owner (resume, replay)
+        reads it back, so file indexes, identities and bundles keep their meaning. `check`
+        sees the files either way and raises to refuse them (then nothing is written). Another
+        job's directory, or a non-empty one that no job holds, is refused with OutputError
+        before anything is written; two owners racing to bind it are decided by `os.link`,
+        which fails when the name exists."""
+        existing = self._bound_plan()
+        if existing is not None:
+            check(existing)
+            return existing
+        if any(not e.name.startswith(".") for e in os.scandir(self.path)):
             raise OutputError(str(self.path), f"output directory {self.path} is not empty; "
                                               "choose another --out or remove it")
-        files = list_inputs()
-        check_inputs(files)
-        self.write(INPUTS, orjson.dumps({"job": job_id, "files": files}))
-        self.sync()
+        files = freeze()
+        check(files)
+        header = {"job": self.job_id, "version": PLAN_VERSION, "files": len(files)}
+        body = b"".join(orjson.dumps(doc) + b"\n" for doc in [header, *files])
+        tmp = self.path / f".tmp.{PLAN}.{secrets.token_hex(6)}"
+        _write_file(tmp, body, what=PLAN, out=self.path)
+        try:
+            os.link(tmp, self.path / PLAN)
+        except FileExistsError:  # another owner bound it first: ours is not needed
+            existing = self._bound_plan()
+            return existing if existing is not None else self.bind(freeze, check)
+        except OSError as exc:
+            raise OutputError(str(self.path), f"cannot write {PLAN} in {self.path}: {exc.strerror}") from exc
+        finally:
+            _unlink(tmp)
+        fsync_dir(self.path)
         return files
 
-    def write(self, name: str, data: bytes | memoryview) -> None:
-        tmp = self.path / f".tmp.{name}.{os.getpid()}.{next(self._counter)}"
+    def _bound_plan(self) -> list[dict] | None:
+        """The plan if this directory is bound to this job; None if unbound; OutputError if it
+        holds another job's output."""
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path / name)
-        except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise OutputError(str(self.path), f"cannot write {name} in {self.path}: {exc.strerror}") from exc
-
-    def write_or_remove(self, name: str, data: bytes | memoryview | None) -> bool:
-        """Write `name`, or make sure it is absent when there is nothing to write (a replay whose
-        output is now empty must not leave the old part behind). Return True when a file of
-        that name existed before (the chunk was done before: a replay)."""
-        existed = os.path.exists(self.path / name)
-        if data:
-            self.write(name, data)
-            return existed
-        try:
-            os.unlink(self.path / name)
+            job, files = read_plan(self.path)
         except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise OutputError(str(self.path), f"cannot remove {name} in {self.path}: {exc.strerror}") from exc
-        return existed
+            return None
+        if job != self.job_id:
+            raise OutputError(str(self.path), already_bound_message(self.path, job))
+        return files
 
-    def sync(self) -> None:
-        """fsync the directory, so that renames done so far survive a crash."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+    # -- an epoch's life: adopt what was committed, drop what was not --
+    def start_epoch(self, committed: dict) -> set[str]:
+        """Make the last commit's files visible (the previous owner may have died between its
+        commit and its renames), then delete every other epoch's pending directory and stray
+        temp files. Returns the names that older epochs had pending but never committed (work
+        done again now: `chunks_redone`)."""
+        self.finalise(committed.get("finalise") or {})
+        leftover: set[str] = set()
+        root = self.path / PENDING
+        for entry in (os.scandir(root) if root.is_dir() else ()):
+            if entry.name != self.pending.name:
+                leftover.update(n for n in _names(entry.path) if key_of(n))
+                shutil.rmtree(entry.path, ignore_errors=True)
+        for entry in os.scandir(self.path):
+            if entry.name.startswith(".tmp."):
+                _unlink(Path(entry.path))
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self.pending.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(str(self.path), f"cannot create {self.pending}: {exc.strerror}") from exc
+        return leftover
+
+    def write_pending(self, name: str, data: bytes | memoryview) -> None:
+        """A pending file of this epoch. Never creates the epoch's directory: if a newer owner
+        deleted it, this owner has lost the job and the write fails."""
+        _write_file(self.pending / name, data, what=f"pending {name}", out=self.path)
+
+    def finalise(self, record: dict) -> None:
+        """Rename the files a commit record lists (`{"epoch", "names"}`) from their pending
+        directory into view. Idempotent: a name already renamed (by us or an earlier try) is
+        skipped, so a new owner repeats it safely."""
+        names = record.get("names") or ()
+        if not names:
+            return
+        source = self.path / PENDING / f"e{int(record['epoch'])}"
+        for name in names:
+            if key_of(name) is None:  # a commit record names only part files
+                raise OutputError(str(self.path), f"commit record lists {name!r}, which is no part name")
+            try:
+                os.replace(source / name, self.path / name)
+            except FileNotFoundError:
+                pass  # renamed already
+            except OSError as exc:
+                raise OutputError(str(self.path), f"cannot make {name} visible in {self.path}: {exc.strerror}") from exc
+        fsync_dir(self.path)
+
+    def rewind(self, key: Sequence[int]) -> set[str]:
+        """A replay from `key` (file index, offset): remove every visible part, partial and
+        dead letter at or after it, and the result and summary. Return the names removed."""
+        start = tuple(key)
+        removed = set()
+        for entry in os.scandir(self.path):
+            k = key_of(entry.name)
+            if k is not None and k >= start and _unlink(Path(entry.path)):
+                removed.add(entry.name)
+        for name in (RESULT, SUMMARY):
+            _unlink(self.path / name)
+        fsync_dir(self.path)
+        return removed
+
+    def write(self, name: str, data: bytes | memoryview) -> None:
+        """A final file of the job (`_result.json`, `_summary.json`), written after the fenced
+        final commit."""
+        _write_file(self.path / name, data, what=name, out=self.path)
+        fsync_dir(self.path)
+
+
+def _names(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def already_bound_message(path, job: str) -> str:
+    return (f"output directory {path} already holds the output of job {job}; choose another --out, "
+            f"or remove the directory (and `meshctl rm {job}` if it is still listed)")
+
+
+def read_plan(path: str | os.PathLike) -> tuple[str, list[dict]]:
+    """(job id, frozen input files) of a bound output directory; FileNotFoundError when unbound."""
+    raw = (Path(path) / PLAN).read_bytes()
+    try:
+        lines = raw.splitlines()
+        header = orjson.loads(lines[0])
+        files = [orjson.loads(line) for line in lines[1:]]
+        if header.get("version") != PLAN_VERSION or len(files) != header.get("files"):
+            raise ValueError(f"version {header.get('version')}, {len(files)} of {header.get('files')} files")
+        return str(header["job"]), files
+    except (IndexError, KeyError, ValueError) as exc:
+        raise OutputError(str(path), f"{Path(path) / PLAN} is damaged ({exc}); this directory cannot be "
+                                     "resumed or replayed: choose another --out") from exc
+
+
+def bound_job(path: str | os.PathLike) -> str | None:
+    """The job an output directory is bound to, None when it is not (or cannot be read here)."""
+    try:
+        return read_plan(path)[0]
+    except (OSError, OutputError):
+        return None
+
+
+def read_inputs(path: str | os.PathLike) -> tuple[str, list[str]]:
+    """(job id, input file paths in plan order) of an output directory."""
+    try:
+        job, files = read_plan(path)
+    except OSError as exc:
+        raise OutputError(str(path), f"{path} holds no readable {PLAN}: is it a job's output directory? "
+                                     f"({exc.strerror})") from exc
+    return job, [f["path"] for f in files]
 
 
 def list_parts(path: str | os.PathLike, kind: str = "part") -> list[Path]:
-    """Files of one kind (`part`, `dead`, `unreadable`) of an output directory, in input order:
-    file, then offset."""
+    """Visible files of one kind (`part`, `partial`, `dead`, `unreadable`) of an output
+    directory, in input order: file, then offset."""
+    prefix, suffix = _NAMES[kind]
     found = []
     for entry in os.scandir(path):
         m = _PART.match(entry.name)
-        prefix, suffix = _NAMES[kind]
         if m and m.group(1) == prefix and m.group(4) == suffix:
             found.append((int(m.group(2)), int(m.group(3)), Path(entry.path)))
     return [p for _, _, p in sorted(found)]
 
 
 def chunk_starts(path: str | os.PathLike, file_index: int) -> list[int]:
-    """Offsets in file `file_index` where chunks of this output start (from every kind of file:
-    parts, partials, dead letters): each is a chunk boundary a replay can restart from."""
-    starts = set()
-    for entry in os.scandir(path):
-        m = _PART.match(entry.name)
-        if m and int(m.group(2)) == file_index:
-            starts.add(int(m.group(3)))
-    return sorted(starts)
+    """Offsets in file `file_index` where visible chunks of this output start (from every kind
+    of file: parts, partials, dead letters): each is a chunk boundary a replay can restart from."""
+    return sorted({k[1] for k in map(key_of, os.listdir(path)) if k is not None and k[0] == file_index})
 
 
 def first_dead_letters(path: str | os.PathLike, limit: int = 5) -> list[dict]:
@@ -153,7 +293,7 @@ def first_dead_letters(path: str | os.PathLike, limit: int = 5) -> list[dict]:
     from failed records; [] when the directory is not readable here."""
     entries: list[dict] = []
     try:
-        files = sorted([*list_parts(path, "unreadable"), *list_parts(path, "dead")], key=lambda p: p.name.split("-", 1)[1])
+        files = sorted([*list_parts(path, "unreadable"), *list_parts(path, "dead")], key=lambda p: key_of(p.name))
         for part in files:
             for line in part.read_bytes().splitlines():
                 entries.append(orjson.loads(line))
@@ -164,17 +304,9 @@ def first_dead_letters(path: str | os.PathLike, limit: int = 5) -> list[dict]:
     return entries
 
 
-def read_inputs(path: str | os.PathLike) -> tuple[str, list[str]]:
-    """(job id, input files) an output directory is bound to."""
-    try:
-        doc = orjson.loads((Path(path) / INPUTS).read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise OutputError(str(path), f"{path} holds no readable {INPUTS}: is it a job's output directory? ({exc})") from exc
-    return doc["job"], list(doc["files"])
-
-
-def iter_output(path: str | os.PathLike, *, block_bytes: int = 1 << 20) -> Iterator[bytes]:
+def iter_output(path: str | os.PathLike) -> Iterator[bytes]:
     """The decompressed output records of a job as byte blocks, in input order."""
     zstd = get_codec("zstd")
     for part in list_parts(path):
         yield zstd.decompress(part.read_bytes(), 1 << 34)
+

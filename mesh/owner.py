@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import orjson
 import zmq
@@ -25,9 +25,10 @@ from mesh.dispatcher import Assignment, Dispatcher, JobRoute
 from mesh.errors import MeshError, NotOwner, StoreError
 from mesh.accounting import Accounting, Tally
 from mesh.offsets import Watermarks
+from mesh.commit import Committer
 from mesh.outputs import RESULT, SUMMARY, OutputDir, list_parts, part_name
 from mesh.paths import check_input_files, check_job_paths
-from mesh.source import InputFailure, PlannedChunk, expand_inputs, plan_chunks, stat_inputs
+from mesh.source import InputFailure, InputFile, PlannedChunk, expand_inputs, freeze_inputs, plan_chunks
 from mesh.tasks import resolve_task
 from mesh.worker import node_of
 from mesh.logs import get_logger
@@ -72,6 +73,9 @@ class Owner:
         self.plan = Plan()
         self.planned: dict[int, PlannedChunk] = {}
         self.accounting = Accounting(Watermarks())
+        self.committer: Committer | None = None
+        self.redone_names: set[str] = set()
+        self.other_epoch_reports = 0
         self.task = None
         self.out: OutputDir | None = None
         self.paths: list[str] = []
@@ -121,7 +125,8 @@ class Owner:
             self.dispatcher.add_job(JobRoute(
                 job_id=self.job_id, epoch=self.epoch,
                 job_message=protocol.control("job", job_id=self.job_id, task=self.spec.task,
-                                             params=self.spec.params, epoch=self.epoch),
+                                             params=self.spec.params, epoch=self.epoch,
+                                             task_hash=getattr(self.task, "source_hash", "")),
                 on_result=lambda ident, header, payload, body: self.inbox.put(("result", (ident, header, payload, body))),
                 on_poison=lambda assignment: self.inbox.put(("poison", assignment))))
             self._source_thread = threading.Thread(target=self._source, name=f"source-{self.job_id}", daemon=True)
@@ -142,31 +147,47 @@ class Owner:
             self.log.exception("owner_crashed")
             try:
                 self._finish("failed", "internal error in the job owner; see the daemon log")
-            except MeshError:
-                pass
+            except Exception:  # NotOwner, or the store gone: the next owner resumes the job
+                self.log.exception("owner_could_not_fail_the_job")
         finally:
             self.stop_source.set()
-            self.dispatcher.remove_job(self.job_id)
+            self.dispatcher.remove_job(self.job_id, self.epoch)
             if self._source_thread is not None:
                 self._source_thread.join(5)
             self.on_exit(self)
 
     def _prepare(self) -> None:
+        """Bind the output directory and load the frozen plan (made now only on the first run),
+        adopt what the last commit made durable, apply a replay's rewind, drop other epochs'
+        pending files. Nothing is read from the inputs before their paths are checked."""
         self.task = resolve_task(self.spec.task, self.allowed_modules)
         check_job_paths(self.spec, self.input_roots, self.output_roots)  # before anything is created or listed
-        self.out = OutputDir(self.spec.out)
-        self.paths = self.out.claim(self.job_id, lambda: expand_inputs(self.spec.inputs),  # a resume re-lists nothing
-                                    lambda files: check_input_files(files, self.input_roots))  # but is checked
-        files = stat_inputs(self.paths)
-        self.files = files
-        self.plan.files = len(files)
-        self.plan.bytes_total = sum(f.size for f in files)
+        self.out = OutputDir(self.spec.out, job_id=self.job_id, epoch=self.epoch)
+
+        def freeze() -> list[dict]:  # a resume or replay re-lists and re-stats nothing
+            paths = check_input_files(expand_inputs(self.spec.inputs), self.input_roots)
+            return [asdict(f) for f in freeze_inputs(paths, self.spec.chunk_size)]
+
+        docs = self.out.bind(freeze, lambda docs: check_input_files([d["path"] for d in docs], self.input_roots))
+        self.files = [InputFile(**doc) for doc in docs]
+        self.paths = [f.path for f in self.files]
+        self.plan.files = len(self.files)
+        self.plan.bytes_total = sum(f.size for f in self.files)
         committed = self.jobs.get_offsets(self.job_id)
-        self.committed = Watermarks(committed)  # read by the source thread only
+        self.redone_names = self.out.start_epoch(committed)
         previous = self.jobs.get_progress(self.job_id) or {}
         self.replay = previous.get("replay")  # set when this run is a replay (kept in the summary)
+        if committed.get("rewind") is not None:  # a replay: nothing at or after its start stays visible
+            removed = self.out.rewind(committed["rewind"])
+            self.redone_names |= removed  # replayed on purpose: work done again
+            committed = {k: v for k, v in committed.items() if k not in ("rewind", "finalise")}
+            self.jobs.commit(self.job_id, self.epoch, offsets=committed)  # fenced: applied once
+            self.log.info("replay_rewound", start=committed.get("files_done"), removed_files=len(removed))
+        self.committed = Watermarks(committed)  # read by the source thread only
         durable = previous.get("durable") if committed else None
         self.accounting = Accounting(Watermarks(committed), durable)  # this thread only
+        self.committer = Committer(jobs=self.jobs, job_id=self.job_id, epoch=self.epoch, out=self.out,
+                                   accounting=self.accounting)
 
     def _source(self) -> None:
         """Source thread: plan chunks and push them to the dispatcher (blocking = backpressure)."""
@@ -254,39 +275,60 @@ class Owner:
             if self.planned.pop(arg, None) is not None:
                 self.plan.chunks_planned -= 1
         elif kind == "input_failure":
-            self._dead_letters(arg.file_index, arg.offset, [{"file_index": arg.file_index, "offset": arg.offset,
-                                                              "error": arg.error, "record": ""}], kind="unreadable")
-            self.accounting.finished([(arg.file_index, arg.offset, arg.offset, True)],
-                                     Tally(failed_records=1, bytes_read=arg.disk_bytes))
+            self._on_input_failure(arg)
         elif kind == "result":
             return self._on_result(*arg)
         elif kind == "poison":
             self._on_poison(arg)
         return None
 
+    def _of_other_epoch(self, epoch: int) -> bool:
+        """Reports carry their epoch; one of another epoch (a late answer to an owner this
+        daemon was before it lost and re-claimed the job) is dropped and counted, never matched
+        by chunk id: chunk ids restart in every epoch."""
+        if epoch == self.epoch:
+            return False
+        self.other_epoch_reports += 1
+        self.log.info("report_of_other_epoch_dropped", report_epoch=epoch, count=self.other_epoch_reports)
+        return True
+
+    def _on_input_failure(self, failure: InputFailure) -> None:
+        name = self._dead_letters("unreadable", failure.key, [{"file_index": failure.file_index,
+                                                               "offset": failure.offset,
+                                                               "error": failure.error, "record": ""}])
+        self.committer.finished(failure.spans(), Tally(failed_records=failure.records, bytes_read=failure.disk_bytes),
+                                [name] if name else [])
+        self._since_commit += 1
+
     def _on_result(self, identity: bytes, header, payload, body: dict) -> str | None:
+        if self._of_other_epoch(header.epoch):
+            return None
         chunk = self.planned.pop(header.chunk_id, None)
         if chunk is None:
             return None  # a duplicate: this chunk is already counted
         if body.get("job_error"):
             return str(body["job_error"])
-        key = chunk.key
+        names = []
         if self.task.is_reduce:
             partial = body.get("partial")
-            redone = self.out.write_or_remove(part_name("partial", *key),
-                                              orjson.dumps(partial) if partial is not None else None)
-        else:
-            redone = self.out.write_or_remove(part_name("part", *key), payload)
-        self._dead_letters(*key, body.get("dead_letters") or [])
+            if partial is not None:
+                names.append(self._write_pending(part_name("partial", *chunk.key), orjson.dumps(partial)))
+        elif payload:
+            names.append(self._write_pending(part_name("part", *chunk.key), payload))
+        dead = self._dead_letters("dead", chunk.key, body.get("dead_letters") or [])
+        names += [dead] if dead else []
         records = int(body.get("records_in", 0))
         tally = Tally(records_in=records, records_out=int(body.get("records_out", 0)),
                       failed_records=int(body.get("failed_records", 0)), bytes_in=int(body.get("bytes_in", 0)),
-                      nodes={node_of(identity): {"chunks": 1, "records": records}}, chunks_redone=int(redone),
+                      nodes={node_of(identity): {"chunks": 1, "records": records}},
+                      chunks_redone=int(any(n in self.redone_names for n in names)),
                       task_cpu_us=int(body.get("task_cpu_us", 0)))
-        self._chunk_done(chunk, tally)
+        self._chunk_done(chunk, tally, names)
         return None
 
     def _on_poison(self, assignment: Assignment) -> None:
+        if self._of_other_epoch(assignment.header.epoch):
+            return
         chunk = self.planned.pop(assignment.header.chunk_id, None)
         if chunk is None:
             return
@@ -294,30 +336,36 @@ class Owner:
                  f"time: {assignment.reason or 'unknown'} (poison chunk: a task that hangs, crashes the "
                  "interpreter or exhausts memory)")
         dead = [{"file_index": s.file_index, "offset": s.start, "error": error, "record": ""} for s in chunk.segments]
-        self._dead_letters(*chunk.key, dead)
-        self.log.warning("poison_chunk", chunk=assignment.header.chunk_id, blame=assignment.blame)
-        self.out.write_or_remove(part_name("partial" if self.task.is_reduce else "part", *chunk.key), None)
-        self._chunk_done(chunk, Tally(failed_records=max(1, chunk.records)))
+        name = self._dead_letters("dead", chunk.key, dead)
+        self.log.warning("poison_chunk", chunk=assignment.header.chunk_id, key=chunk.key, blame=assignment.blame)
+        self._chunk_done(chunk, Tally(failed_records=max(1, chunk.records)), [name] if name else [])
 
-    def _chunk_done(self, chunk: PlannedChunk, tally: Tally) -> None:
+    def _chunk_done(self, chunk: PlannedChunk, tally: Tally, names: list[str]) -> None:
         tally.chunks_done = 1
         tally.bytes_read += chunk.disk_bytes
-        self.accounting.finished(chunk.spans(), tally)
+        self.committer.finished(chunk.spans(), tally, names)
         self._since_commit += 1
 
-    def _dead_letters(self, file_index: int, offset: int, entries: list[dict], kind: str = "dead") -> None:
+    def _write_pending(self, name: str, data) -> str:
+        self.out.write_pending(name, data)
+        return name
+
+    def _dead_letters(self, kind: str, key: tuple[int, int], entries: list[dict]) -> str | None:
+        """The pending dead-letter file of a chunk (`dead`) or of unreadable input (`unreadable`);
+        None when there is nothing to write."""
+        if not entries:
+            return None
         for entry in entries:
             index = entry.get("file_index", -1)
             entry["file"] = self.paths[index] if isinstance(index, int) and 0 <= index < len(self.paths) else None
-        data = b"".join(orjson.dumps(e) + b"\n" for e in entries) if entries else None
-        self.out.write_or_remove(part_name(kind, file_index, offset), data)
+        return self._write_pending(part_name(kind, *key), b"".join(orjson.dumps(e) + b"\n" for e in entries))
 
     def _complete(self) -> bool:
         return self.plan.planning_done and not self.planned
 
     def _progress(self) -> dict:
         doc = {**self.accounting.total().to_doc(), **self.plan.__dict__, "durable": self.accounting.durable.to_doc(),
-               "epoch": self.epoch, "owner": self.node_id}
+               "epoch": self.epoch, "owner": self.node_id, "other_epoch_reports": self.other_epoch_reports}
         if self.replay:
             doc["replay"] = self.replay
         doc["seconds"] = round(time.monotonic() - self.started, 3)
@@ -328,13 +376,11 @@ class Owner:
         return doc
 
     def _commit(self) -> None:
-        """Commit offsets + progress, fenced. The store being unreachable is not fatal: the data
-        plane goes on and the commit is retried at the next interval (what is not committed is
-        at worst redone after a failover)."""
-        self.out.sync()
+        """Commit offsets + progress, fenced, then make what they cover visible. The store being
+        unreachable is not fatal: the data plane goes on and the commit is retried at the next
+        interval (what is not committed is at worst redone after a failover)."""
         try:
-            self.jobs.commit(self.job_id, self.epoch, offsets=self.accounting.watermarks.to_doc(),
-                             progress=self._progress())
+            self.committer.commit(self._progress())
         except NotOwner:
             raise
         except StoreError as exc:
@@ -380,15 +426,21 @@ class Owner:
         summary = self._progress()
         summary["state"] = state
         summary.pop("durable", None)
+        if self.task is not None:
+            summary["task_source_hash"] = getattr(self.task, "source_hash", "")
         if state == "done":
-            self._until_stored(lambda: self.jobs.commit(self.job_id, self.epoch,
-                                                        offsets=self.accounting.watermarks.to_doc(),
-                                                        progress=self._progress()), "final commit")
+            self._until_stored(lambda: self.committer.commit(self._progress()), "final commit")
             if self.task.is_reduce:
                 summary["result"] = _sorted(merge_partials(self.out.path, self.task.combine))
                 self.out.write(RESULT, orjson.dumps(summary["result"]))
             self.out.write(SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-            self.out.sync()
+        elif self.committer is not None:  # what is durable stays (dead letters a user must read)
+            try:
+                self.committer.commit(self._progress())
+            except NotOwner:
+                raise
+            except Exception as exc:  # the store or the output directory failing may be why we stop
+                self.log.warning("last_commit_failed", error=str(exc))
         self._until_stored(lambda: self.jobs.finish(self.job_id, self.epoch, state, reason=reason, summary=summary),
                            "finish")
         self.log.info("job_finished", state=state, reason=reason, records_in=summary["records_in"],

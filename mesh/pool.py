@@ -32,7 +32,7 @@ def available_cores() -> list[int]:
 
 @dataclass
 class _Slot:
-    cfg: WorkerConfig
+    cfg: WorkerConfig  # what its current process was started with; each spawn rebuilds it
     process: multiprocessing.process.BaseProcess | None = None
     identity: bytes = b""
     started_at: float = 0.0
@@ -80,9 +80,10 @@ class WorkerPool:
         self._thread.start()
 
     def set_task_modules(self, modules: tuple[str, ...] | None) -> None:
-        """The task allowlist that workers started from now on get (live ones hear it from the
-        dispatcher)."""
-        self._base = replace(self._base, allowed_task_modules=modules)
+        """The task allowlist that workers started from now on get, restarted ones included (live
+        ones hear it from the dispatcher)."""
+        with self._lock:
+            self._base = replace(self._base, allowed_task_modules=modules)
 
     def resize(self, workers: int | None, timeout_s: float = 5.0) -> None:
         """Run `workers` processes (None: one per core). New slots start at once; retired ones
@@ -108,6 +109,9 @@ class WorkerPool:
         self.log.info("pool_resized", workers=count, retired=len(retired))
 
     def _spawn(self, slot: _Slot) -> None:
+        """Start the slot's process under the pool's config as it is now: a worker restarted after
+        a crash must not run under the config its slot was first created with."""
+        slot.cfg = replace(self._base, slot=slot.cfg.slot, core=slot.cfg.core)
         slot.busy_since = self._ctx.RawValue("d", 0.0)
         slot.kill_reason = ""
         proc = self._ctx.Process(target=worker_main, args=(slot.cfg, slot.busy_since),

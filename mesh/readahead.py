@@ -6,6 +6,10 @@ zlib, zstd and lz4 release the GIL while they decompress, so files further down 
 in parallel threads. Each file is still cut by the same deterministic generator and consumed in
 plan order, so chunks, names and offsets do not change. Bounded: at most `depth` files ahead,
 `queue_chunks` chunks each.
+
+Leaving the `with` block (the consumer done, stopped early, or failing) stops every producer: each
+one closes its generator in its own thread (so the file it holds open is closed at once, not at
+garbage collection) and is joined.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ K = TypeVar("K")
 
 _END = object()
 PUT_POLL_S = 0.1
+JOIN_TIMEOUT_S = 5  # a producer stops within one item and PUT_POLL_S of being told to
 
 
 class _Producer(threading.Thread):
@@ -34,6 +39,10 @@ class _Producer(threading.Thread):
             self._put(_END)
         except BaseException as exc:  # handed to the consumer, re-raised there
             self._put(exc)
+        finally:
+            close = getattr(self.items, "close", None)
+            if close is not None:  # a generator stopped early: run its cleanup here, now
+                close()
 
     def _put(self, item) -> bool:
         while not self.stop.is_set():
@@ -52,17 +61,21 @@ class ReadAhead:
         self.keys, self.cut, self.depth, self.queue_chunks = list(keys), cut, depth, queue_chunks
         self.stop = threading.Event()
         self.running: dict = {}
-        self.consuming = None  # the producer take() reads from: joined on exit like the others
+        self.consuming: _Producer | None = None  # the producer take() reads from: joined on exit too
         self.next_index = 0
 
     def __enter__(self) -> "ReadAhead":
-        self._fill()
+        try:
+            self._fill()
+        except BaseException:
+            self.__exit__()  # the producers already started must not outlive a failed enter
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
         for producer in [*self.running.values(), *([self.consuming] if self.consuming else [])]:
-            producer.join(5)
+            producer.join(JOIN_TIMEOUT_S)
 
     def _fill(self) -> None:
         while len(self.running) < self.depth and self.next_index < len(self.keys):
@@ -78,8 +91,10 @@ class ReadAhead:
         self._fill()
         while True:
             item = producer.out.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
+            if item is _END or isinstance(item, BaseException):
+                producer.join(JOIN_TIMEOUT_S)  # its last act: no finished thread is left behind
+                self.consuming = None
+                if item is _END:
+                    return
                 raise item
             yield item

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import stat
 import threading
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import zmq.auth
 from zmq.utils import z85
 
 from mesh.errors import KeyFileError
+from mesh.outputs import fsync_dir
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
@@ -72,7 +74,9 @@ def _load_certificate(path: Path) -> tuple[bytes, bytes | None]:
 
 def generate_keypair(directory: str | Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
     """Write NAME.key (public, 0644) and NAME.key_secret (0600, created so from the start:
-    never world-readable, not even for a moment). Refuses to overwrite unless `force`."""
+    never world-readable, not even for a moment). Refuses to overwrite unless `force`; any entry
+    at those names counts, a symlink (even a dangling one) too, and `force` replaces the link
+    itself, never the file it points to."""
     if not name or not set(name) <= _NAME_CHARS:
         raise KeyFileError(f"a key name is a node id: letters, digits, '.', '_' or '-' (got {name!r})")
     directory = Path(directory)
@@ -80,7 +84,7 @@ def generate_keypair(directory: str | Path, name: str, *, force: bool = False) -
     public_path, secret_path = directory / f"{name}{PUBLIC_SUFFIX}", directory / f"{name}{SECRET_SUFFIX}"
     if not force:
         for path in (public_path, secret_path):
-            if path.exists():
+            if os.path.lexists(path):
                 raise KeyFileError(f"{path} exists; pass --force to replace the keypair "
                                    "(every node's allowlist then needs the new public key)")
     public, secret = zmq.curve_keypair()
@@ -100,15 +104,28 @@ def _certificate(public: bytes, secret: bytes | None) -> bytes:
 
 
 def _write_private(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Write `data` to `path` with exactly `mode`, atomically and durably (temp, fsync, rename,
+    fsync of the directory). The temp file has an unpredictable name and is created with O_EXCL |
+    O_NOFOLLOW, 0600: a file or symlink planted in the directory is never opened, truncated or
+    written through, and the secret is never readable by others. The rename replaces a symlink at
+    `path` with our file; it does not follow it."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        os.fchmod(fd, mode)  # O_CREAT's mode is masked by the umask; the file must be exactly `mode`
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise KeyFileError(f"cannot create {tmp}: {exc.strerror}") from exc
+    try:
+        try:
+            os.fchmod(fd, mode)  # O_CREAT's mode is masked by the umask; the file must be exactly `mode`
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def load_allowlist(directory: str | Path) -> dict[bytes, str]:

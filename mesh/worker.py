@@ -175,7 +175,13 @@ class Worker:
         body = protocol.body_of(header)
         kind = body.get("type")
         if kind == "job":
-            self.jobs[header.job_id] = (body.get("task"), body.get("params") or {}, None)
+            task_hash = body.get("task_hash")  # the source the owner runs; absent from older owners
+            if task_hash is not None and not isinstance(task_hash, str):
+                raise FrameError("bad_control", "job.task_hash must be a hex string")
+            # Always resolved again, even for a job we know (a replay after a fix): resolve_task
+            # re-executes a module whose file changed, so we run the code on disk now.
+            self.jobs[header.job_id] = (body.get("task"), body.get("params") or {}, None, task_hash)
+            self.jobs.move_to_end(header.job_id)
             self._evict()
         elif kind == "peers" and from_local:  # only our own daemon says whom to serve
             endpoints, keys = body.get("endpoints"), body.get("keys") or {}
@@ -187,8 +193,8 @@ class Worker:
             if modules is not None and not (isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
                 raise FrameError("bad_control", "allow.modules must be null or a list of module names")
             self.allowed_modules = None if modules is None else tuple(modules)
-            for job_id, (name, params, _) in list(self.jobs.items()):
-                self.jobs[job_id] = (name, params, None)
+            for job_id, (name, params, _, task_hash) in list(self.jobs.items()):
+                self.jobs[job_id] = (name, params, None, task_hash)
         elif kind == "stop" and from_local:
             self.draining = True
         return None
@@ -198,10 +204,14 @@ class Worker:
             self.jobs.popitem(last=False)
 
     def _task(self, job_id: str):
-        name, params, task = self.jobs[job_id]
+        """The job's task, resolved once per job message (a chunk must not change code midway)."""
+        name, params, task, task_hash = self.jobs[job_id]
         if task is None:
             task = resolve_task(name, self.allowed_modules)  # never a remote owner's say
-            self.jobs[job_id] = (name, params, task)
+            self.jobs[job_id] = (name, params, task, task_hash)
+            if task_hash and task.source_hash and task_hash != task.source_hash:  # e.g. a deploy half done
+                self.log.warning("task_source_differs_from_owner", job=job_id, task=task.name,
+                                 ours=task.source_hash[:12], owner=task_hash[:12])
         return task, params
 
     def on_chunk(self, header, payload) -> list:

@@ -77,3 +77,28 @@ def versioned(records, params):
     with open(params["version_file"], "rb") as f:
         version = f.read().strip()
     return [version + b":" + rec for rec in records]
+
+
+def tagged(records, params):
+    """Each record prefixed with the pid of the worker that ran it (`PID|record`): two runs of the
+    same chunk give different bytes, so a late write by a fenced-out owner is visible."""
+    tag = b"%d|" % os.getpid()
+    import time
+    time.sleep(float(params.get("delay_s", 0.0)))
+    return [tag + rec for rec in records]
+
+
+def crash_on_slowly(records, params):
+    """`crash_on` that can be watched: a chunk holding the marker first leaves a note (an empty
+    file named after the worker's pid in `notes_dir`), sleeps `crash_delay_s`, then kills its
+    worker; every other chunk takes `delay_s`. A test sees each attempt of the poison chunk
+    start and can act while it runs (freeze its owner, say). Records pass through unchanged."""
+    import time
+    marker = params["marker"].encode()
+    if any(marker in rec for rec in records):
+        with open(os.path.join(params["notes_dir"], str(os.getpid())), "wb"):
+            pass
+        time.sleep(float(params.get("crash_delay_s", 1.0)))
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(float(params.get("delay_s", 0.0)))
+    return records

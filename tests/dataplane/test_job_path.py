@@ -7,6 +7,7 @@ import orjson
 import pytest
 
 from reference import reference_run
+from mesh.errors import OutputError
 from mesh.outputs import SUMMARY, iter_output, list_parts
 
 CHUNK = 64 * 1024
@@ -123,11 +124,15 @@ def test_missing_input_fails_with_the_path(mesh, tmp_path):
 
 
 def test_output_dir_of_another_job_is_refused(mesh, edge_corpus, tmp_path):
-    _, first = run(mesh, edge_corpus[:1], "identity", {}, tmp_path / "out")
+    """At submit where the client sees the directory; at claim for a spec written around the client."""
+    first_job, first = run(mesh, edge_corpus[:1], "identity", {}, tmp_path / "out")
     assert first["state"] == "done"
-    _, second = run(mesh, edge_corpus[:1], "identity", {}, tmp_path / "out")
+    with pytest.raises(OutputError, match=f"already holds the output of job {first_job.id}"):
+        run(mesh, edge_corpus[:1], "identity", {}, tmp_path / "out")
+    spec = mesh.client.make_spec(edge_corpus[:1], "identity", out=str(tmp_path / "out"))
+    second = mesh.client.job(mesh.client.jobs.submit(spec)).wait(timeout_s=60)
     assert second["state"] == "failed"
-    assert "already holds the output of job" in second["reason"]
+    assert f"already holds the output of job {first_job.id}" in second["reason"]
 
 
 def test_corrupt_compressed_input_is_a_dead_letter_not_a_crash(mesh, edge_corpus, tmp_path):
@@ -231,15 +236,13 @@ def test_invalid_utf8_is_a_dead_letter_for_json_tasks_and_data_for_identity(mesh
 
 
 def test_an_output_directory_that_breaks_mid_job_fails_the_job_clearly(mesh, access_log_records, tmp_path):
-    import shutil
-
     from waiting import wait_until
     path = tmp_path / "in.jsonl"
     path.write_bytes(access_log_records * 2)
     out = tmp_path / "out"
     job = mesh.client.submit([str(path)], "sample_tasks:slow", {"delay_s": 0.05}, out=str(out), chunk_size=CHUNK)
     wait_until(lambda: out.exists() and len(list_parts(out)) >= 2, 30, "two parts written")
-    shutil.rmtree(out)
+    os.rename(out, tmp_path / "moved-away")  # atomic: the owner's writes cannot race a recursive delete
     out.write_bytes(b"not a directory any more")
     status = job.wait(timeout_s=60)
     assert status["state"] == "failed"

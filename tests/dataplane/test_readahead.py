@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import gzip
+import os
 import threading
 
 import lz4.frame
+import pytest
 import zstandard
 
 from mesh.offsets import Watermarks
-from mesh.source import plan_chunks, stat_inputs
+from mesh.source import InputFailure, freeze_inputs, plan_chunks
+
+pytestmark = pytest.mark.timeout(60)
 
 CHUNK = 64 * 1024
 
@@ -27,7 +31,7 @@ def test_the_plan_is_the_same_with_and_without_readahead(tmp_path, access_log_re
         small = tmp_path / f"f{i}-small.jsonl"
         small.write_bytes(body[:500].rsplit(b"\n", 1)[0] + b"\n")
         paths.append(str(small))
-    files = stat_inputs(paths)
+    files = freeze_inputs(paths, CHUNK)
 
     def plan(readahead: int, committed=None):
         return [(c.segments, bytes(c.payload), c.ends_file) for c in
@@ -51,9 +55,35 @@ def test_readahead_threads_stop_when_the_consumer_stops(tmp_path, access_log_rec
         return {t for t in threading.enumerate() if t.name == "readahead"}
 
     before = readahead_threads()
-    chunks = plan_chunks(stat_inputs(paths), chunk_size=CHUNK, readahead=2)
+    chunks = plan_chunks(freeze_inputs(paths, CHUNK), chunk_size=CHUNK, readahead=2)
     next(chunks)
     started = readahead_threads() - before
     assert started
     chunks.close()  # the source stopping early (job cancelled, owner stepping down): joins them
     assert not [t for t in started if t.is_alive()]
+    assert _open_paths(tmp_path) == []  # and the inputs they were cutting are closed, not left to the GC
+
+
+def test_a_failing_producer_is_joined_and_its_file_closed(tmp_path, access_log_records):
+    good = tmp_path / "a.jsonl.gz"
+    good.write_bytes(gzip.compress(access_log_records, mtime=0))
+    bad = tmp_path / "b.jsonl.gz"
+    bad.write_bytes(gzip.compress(access_log_records, mtime=0)[:-100])  # truncated: a dead letter at its end
+    before = {t for t in threading.enumerate() if t.name == "readahead"}
+    items = list(plan_chunks(freeze_inputs([str(good), str(bad)], CHUNK), chunk_size=CHUNK, readahead=2))
+    assert isinstance(items[-1], InputFailure) and str(bad) in items[-1].error
+    assert not [t for t in threading.enumerate() if t.name == "readahead" and t not in before and t.is_alive()]
+    assert _open_paths(tmp_path) == []
+
+
+def _open_paths(folder) -> list[str]:
+    """Files under `folder` this process holds open."""
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own fd)
+            continue
+        if target.startswith(str(folder)):
+            paths.append(target)
+    return paths

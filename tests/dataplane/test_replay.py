@@ -82,7 +82,7 @@ def test_replay_is_refused_for_a_running_job_and_an_unknown_file(mesh, inputs, t
     version.write_bytes(b"v1")
     job = mesh.client.submit(inputs[:1], "sample_tasks:slow", {"delay_s": 0.3}, out=str(tmp_path / "out"),
                              chunk_size=CHUNK)
-    wait_until((tmp_path / "out" / "_inputs.json").exists, 30, "the job starting (its output bound to it)")
+    wait_until((tmp_path / "out" / "_plan.jsonl").exists, 30, "the job starting (its output bound to it)")
     with pytest.raises(StoreError, match="only a finished job"):
         job.replay()
     job.cancel()

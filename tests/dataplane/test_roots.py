@@ -18,7 +18,7 @@ from mesh.coordinator.config import ConfigStore
 from mesh.coordinator.jobs import JobSpec
 from mesh.coordinator.store import Put
 from mesh.errors import InvalidSpec, PathNotAllowed
-from mesh.outputs import INPUTS, iter_output, list_parts
+from mesh.outputs import PLAN, iter_output, list_parts
 from mesh.paths import check_inside_roots, fixed_prefix
 from waiting import wait_until
 
@@ -66,7 +66,7 @@ def wait_failed(mesh, job_id) -> str:
 
 
 def assert_nothing_written(out) -> None:
-    assert not os.path.exists(out / INPUTS)
+    assert not os.path.exists(out / PLAN)
     assert list_parts(out) == [] and list_parts(out, "dead") == [] and list_parts(out, "unreadable") == []
 
 
@@ -156,7 +156,7 @@ def test_a_spec_written_straight_to_the_store_is_refused_by_the_daemon(mesh, tre
 
 
 def test_a_resumed_jobs_stored_file_list_is_checked_under_the_roots(mesh, tree):
-    """The list in _inputs.json (a resume re-lists nothing) goes through the same check."""
+    """The frozen plan in _plan.jsonl (a resume re-lists nothing) goes through the same check."""
     set_roots(mesh, [tree / "in"], [tree / "out"])
     jobs = mesh.client.jobs
     job_id = "j-raw-resume"
@@ -164,13 +164,15 @@ def test_a_resumed_jobs_stored_file_list_is_checked_under_the_roots(mesh, tree):
     out.mkdir()
     secret = tree / "outside" / "secret.jsonl"
     files = [str(tree / "in" / "a.jsonl"), str(secret)]
-    (out / INPUTS).write_bytes(json.dumps({"job": job_id, "files": files}).encode())
+    plan = [{"job": job_id, "version": 1, "files": 2}] + [{"index": i, "path": p, "size": 0, "encoding": "none"}
+                                                          for i, p in enumerate(files)]
+    (out / PLAN).write_bytes(b"".join(json.dumps(doc).encode() + b"\n" for doc in plan))
     spec = JobSpec(inputs=(str(tree / "in"),), task="identity", out=str(out))
     mesh.client.store.txn([], [Put(jobs.key(job_id, "spec"), spec.to_json().encode()),
                                Put(jobs.key(job_id, "state"), pending())])
     reason = wait_failed(mesh, job_id)
     assert reason.startswith(f"input {secret} is outside the input roots {tree / 'in'}")
-    assert list_parts(out) == [] and sorted(os.listdir(out)) == [INPUTS]
+    assert list_parts(out) == [] and sorted(os.listdir(out)) == [PLAN]
 
 
 def test_meshctl_refuses_dots_and_paths_outside_the_roots_at_submit(tmp_path, capsys):
