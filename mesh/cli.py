@@ -81,6 +81,16 @@ def _job_options(args) -> dict:
     return dict(chunk_size=args.chunk_size, codec=args.codec, max_failed_records=args.max_failed_records)
 
 
+def _result_of(summary: dict):
+    """The reduce result, read from the output directory when the store holds only its digest."""
+    from mesh.errors import OutputError
+    from mesh.outputs import load_result
+    try:
+        return load_result(summary)
+    except OutputError as exc:
+        return {"error": str(exc)}
+
+
 def _summary_doc(status: dict) -> dict:
     summary = status.get("summary") or {}
     return {
@@ -89,7 +99,7 @@ def _summary_doc(status: dict) -> dict:
         "failed_records": summary.get("failed_records", 0), "bytes_in": summary.get("bytes_in", 0),
         "bytes_read": summary.get("bytes_read", 0), "files": summary.get("files", 0),
         "chunks": summary.get("chunks_done", 0), "seconds": summary.get("seconds", 0.0),
-        "nodes": summary.get("nodes", {}), "result": summary.get("result"),
+        "nodes": summary.get("nodes", {}), "result": _result_of(summary),
         "chunks_redone": summary.get("chunks_redone", 0), "replay": summary.get("replay"),
         "task_cpu_s": summary.get("task_cpu_us", 0) / 1e6,
     }

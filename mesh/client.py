@@ -92,7 +92,8 @@ class Job:
         status = self.wait(timeout_s)
         if status["state"] != "done":
             raise JobFailed(self.id, status["state"], status.get("reason", ""))
-        return status["summary"].get("result")
+        from mesh.outputs import load_result
+        return load_result(status["summary"])
 
     def cancel(self) -> None:
         self._jobs.request_cancel(self.id)

@@ -4,8 +4,9 @@ An offset is the position *after* the last durable chunk of that file (bytewax's
 resume, reading starts there and nothing before it is redone. Chunks complete out of order, so
 completions past the watermark wait in `pending` until the gap before them closes; their number
 is bounded by the in-flight window. The document kept in the store is compact even for a
-million small files: a prefix count of finished files, the finished files beyond it, and the
-partial offsets of files in progress.
+million small files: a prefix count of finished files, the finished files beyond it as ranges
+[first, end) (a finished bundle of 1,024 files past a gap is one pair), and the partial offsets
+of files in progress (at most one per chunk in flight).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ class Watermarks:
         doc = doc or {}
         self.files_done = int(doc.get("files_done", 0))
         self.done: set[int] = {int(i) for i in doc.get("done", ())}
+        for lo, hi in doc.get("done_ranges", ()):
+            self.done.update(range(int(lo), int(hi)))
         self.next: dict[int, int] = {int(k): int(v) for k, v in doc.get("partial", {}).items()}
         self.pending: dict[int, dict[int, tuple[int, bool]]] = {}
 
@@ -58,10 +61,21 @@ class Watermarks:
     def to_doc(self) -> dict:
         return {
             "files_done": self.files_done,
-            "done": sorted(self.done),
+            "done_ranges": _ranges(self.done),
             "partial": {str(k): v for k, v in sorted(self.next.items()) if v > 0},
         }
 
     def covers(self, spans: Iterable[tuple[int, int, int, bool]]) -> bool:
         """Are all these spans below the watermark (durable, never redone on resume)?"""
         return all(self.is_done(f) or (not eof and self.next.get(f, 0) >= end) for f, _, end, eof in spans)
+
+
+def _ranges(indexes: set[int]) -> list[list[int]]:
+    """Sorted integers as [first, end) runs: {1, 2, 3, 7} -> [[1, 4], [7, 8]]."""
+    runs: list[list[int]] = []
+    for i in sorted(indexes):
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs

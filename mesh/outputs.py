@@ -233,8 +233,8 @@ def _names(path: str) -> list[str]:
 
 
 def already_bound_message(path, job: str) -> str:
-    return (f"output directory {path} already holds the output of job {job}; choose another --out, "
-            f"or remove the directory (and `meshctl rm {job}` if it is still listed)")
+    return (f"output directory {path} already holds the output of job {job}; choose another --out "
+            "or remove that directory")
 
 
 def read_plan(path: str | os.PathLike) -> tuple[str, list[dict]]:
@@ -302,6 +302,35 @@ def first_dead_letters(path: str | os.PathLike, limit: int = 5) -> list[dict]:
     except (OSError, orjson.JSONDecodeError):
         pass
     return entries
+
+
+MAX_RESULT_IN_STORE = 16 * 1024  # a bigger reduce result lives only in OUT/_result.json (digest in the store)
+
+
+def result_reference(out: str | os.PathLike, data: bytes) -> dict:
+    """What the store keeps of a reduce result too big for it: where it is, its size, its digest."""
+    import hashlib
+    return {"result_file": str(Path(out) / RESULT), "result_bytes": len(data),
+            "result_sha256": hashlib.sha256(data).hexdigest()}
+
+
+def load_result(summary: dict):
+    """A job's reduce result from its summary: inline, or read (and checked against its digest)
+    from the output directory when it was too big for the store. OutputError when that file
+    cannot be read here or does not match."""
+    if "result_file" not in summary:
+        return summary.get("result")
+    import hashlib
+    path = summary["result_file"]
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise OutputError(path, f"the result ({summary.get('result_bytes')} bytes) is in {path}, which "
+                                f"cannot be read here: {exc.strerror}; read it where the output directory is") from exc
+    if hashlib.sha256(data).hexdigest() != summary.get("result_sha256"):
+        raise OutputError(path, f"{path} does not match the digest the job recorded: it was changed "
+                                "after the job finished (replay the job to rebuild it)")
+    return orjson.loads(data)
 
 
 def iter_output(path: str | os.PathLike) -> Iterator[bytes]:

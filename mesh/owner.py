@@ -26,7 +26,8 @@ from mesh.errors import MeshError, NotOwner, StoreError
 from mesh.accounting import Accounting, Tally
 from mesh.offsets import Watermarks
 from mesh.commit import Committer
-from mesh.outputs import RESULT, SUMMARY, OutputDir, list_parts, part_name
+from mesh.outputs import (MAX_RESULT_IN_STORE, RESULT, SUMMARY, OutputDir, list_parts, part_name,
+                          result_reference)
 from mesh.paths import check_input_files, check_job_paths
 from mesh.source import InputFailure, InputFile, PlannedChunk, expand_inputs, freeze_inputs, plan_chunks
 from mesh.tasks import resolve_task
@@ -431,9 +432,13 @@ class Owner:
         if state == "done":
             self._until_stored(lambda: self.committer.commit(self._progress()), "final commit")
             if self.task.is_reduce:
-                summary["result"] = _sorted(merge_partials(self.out.path, self.task.combine))
-                self.out.write(RESULT, orjson.dumps(summary["result"]))
+                result = orjson.dumps(_sorted(merge_partials(self.out.path, self.task.combine)))
+                self.out.write(RESULT, result)
+                summary["result"] = orjson.loads(result)
             self.out.write(SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+            if self.task.is_reduce and len(result) > MAX_RESULT_IN_STORE:  # the store keeps a digest
+                del summary["result"]
+                summary.update(result_reference(self.out.path, result))
         elif self.committer is not None:  # what is durable stays (dead letters a user must read)
             try:
                 self.committer.commit(self._progress())

@@ -38,6 +38,6 @@ def replay_offsets(out_dir: str, *, from_file: str | None = None, offset: int = 
         index, aligned = bundle, 0
     else:
         aligned = max((s for s in chunk_starts(out_dir, index) if s <= offset), default=0)
-    offsets = {"files_done": index, "done": [], "partial": {str(index): aligned} if aligned else {},
+    offsets = {"files_done": index, "partial": {str(index): aligned} if aligned else {},
                "rewind": [index, aligned]}
     return offsets, {"from": f"{path}:{offset}", "file": path, "offset": offset, "aligned_offset": aligned}

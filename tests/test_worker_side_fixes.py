@@ -168,6 +168,24 @@ def test_a_new_job_on_a_long_running_mesh_runs_the_fixed_task(tmp_path):
         assert reduced["summary"]["result"] == {"combined_by": version, "n": len(records), "seen": [version]}
 
 
+def test_replay_after_fixing_the_task_runs_the_fixed_code_and_records_its_hash(tmp_path):
+    """The README's use of replay: a job done with version 1, the task fixed on disk, `replay`:
+    every output record is version 2's, on the same long-running mesh, and the summary names
+    the source it ran."""
+    path, records = numbered_input(tmp_path)
+    with edited_task_module() as (name, write):
+        first = write("v1")
+        with running_mesh(tmp_path / "state", workers=1, task_modules=(name,)) as mesh:
+            job = mesh.client.submit([path], f"{name}:tag", out=str(tmp_path / "out"), chunk_size=CHUNK)
+            status = job.wait(timeout_s=60)
+            assert status["state"] == "done" and status["summary"]["task_source_hash"] == first
+            second = write("v2")
+            job.replay()
+            status = job.wait(timeout_s=60)
+    assert status["state"] == "done" and status["summary"]["task_source_hash"] == second
+    assert output_records(tmp_path / "out") == Counter(b"v2:" + r for r in records)
+
+
 def test_a_worker_re_resolves_a_known_job_whose_task_hash_changed(tmp_path):
     """A replay of the same job id after the task was fixed: the owner sends the job message again
     with the new task_hash; the worker, which cached the job's task, must run the new code."""

@@ -69,7 +69,7 @@ def test_committed_offsets_cover_every_file(mesh, edge_corpus, tmp_path):
     job, status = run(mesh, edge_corpus, "identity", {}, tmp_path / "out")
     offsets = mesh.client.jobs.get_offsets(job.id)
     assert offsets["files_done"] == len(edge_corpus)
-    assert offsets["partial"] == {} and offsets["done"] == []
+    assert offsets["partial"] == {} and offsets["done_ranges"] == []
 
 
 def test_failing_records_go_to_dead_letters_and_the_job_goes_on(mesh, edge_corpus, tmp_path):
