@@ -2,7 +2,9 @@
 (plus the PIDs of long-running services it talks to, and their children), sampled with psutil.
 
 Memory is sampled as the sum of RSS and, where readable, of PSS (proportional set size: pages
-shared between processes, e.g. after fork, are split between them instead of counted in each).
+shared between processes, e.g. after fork, are split between them instead of counted in each),
+and never reported below the kernel's own peak of the command (`ru_maxrss` from wait4): nothing
+here depends on a sample landing while a short process lives.
 CPU seconds: the command's own rusage (it and the children it reaped) or the sampled sum, whichever
 is larger, plus the sampled CPU growth of the service processes over the run.
 """
@@ -116,5 +118,11 @@ def run_measured(cmd: list[str], *, services: list[int] = (), env: dict | None =
     sampled_cmd = sum(cmd_sampler.last.values())  # new processes: all their CPU counts
     cpu = max(usage.ru_utime + usage.ru_stime, sampled_cmd)
     cpu += sum(v - service_sampler.first.get(k, 0.0) for k, v in service_sampler.last.items())
+    # The kernel's peak of the command (and of the children it reaped): a run too short to be
+    # sampled at all (70 ms on a fast machine) still reports its memory. ru_maxrss is one
+    # process's RSS, a lower bound of the tree's; PSS <= RSS, so it stands in for an unsampled PSS.
+    kernel_peak = usage.ru_maxrss * 1024
+    peak_rss = max(peaks[0], kernel_peak)
+    peak_pss = peaks[1] if peaks[1] > 0 else kernel_peak
     return Measurement(proc.returncode, b"".join(chunks["out"]), b"".join(chunks["err"]), wall, cpu,
-                       peaks[0] / 2**20, peaks[1] / 2**20)
+                       peak_rss / 2**20, peak_pss / 2**20)

@@ -1,13 +1,16 @@
-"""Job records over the embedded store: validation, submit/claim, fencing, backpressure, cancel."""
+"""Job records over both stores (embedded and a real etcd): validation, submit/claim, fencing, backpressure, cancel."""
 from __future__ import annotations
 
 import json
 import re
 import threading
+import uuid
 
 import pytest
 
+from etcd_server import EtcdServer
 from mesh.coordinator.embedded import open_embedded_store
+from mesh.coordinator.etcd import open_etcd_store
 from mesh.coordinator.errors import InvalidSpec, JobNotFound, LeaseNotFound, MeshBusy, NotOwner
 from mesh.coordinator.jobs import (
     JOB_STATES, MAX_INPUTS, MAX_PARAMS_BYTES, MAX_PATH_LENGTH, MAX_SPEC_BYTES, MAX_TASK_LENGTH, JobSpec, JobStore,
@@ -16,15 +19,27 @@ from mesh.coordinator.jobs import (
 DOTDOT = "a path with '..' is refused: give the path without it"
 
 
-@pytest.fixture
-def store(tmp_path):
-    with open_embedded_store(tmp_path / "state") as s:
-        yield s
+@pytest.fixture(scope="module")
+def etcd_server(tmp_path_factory):
+    """One real etcd for the module; each test works under its own prefix."""
+    with EtcdServer(tmp_path_factory.mktemp("etcd")) as etcd:
+        yield etcd
+
+
+@pytest.fixture(params=["embedded", "etcd"])
+def store(request, tmp_path):
+    """Every JobStore test on both backends: the embedded store and a real etcd."""
+    if request.param == "embedded":
+        with open_embedded_store(tmp_path / "state") as s:
+            yield s
+    else:
+        with open_etcd_store(request.getfixturevalue("etcd_server").url, timeout_s=5.0) as s:
+            yield s
 
 
 @pytest.fixture
 def jobs(store):
-    return JobStore(store, prefix="test/")
+    return JobStore(store, prefix=f"test-{uuid.uuid4().hex[:8]}/")
 
 
 def spec(**overrides) -> JobSpec:
