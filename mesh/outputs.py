@@ -2,9 +2,9 @@
 
 Layout::
 
-    OUT/_plan.jsonl            the frozen plan: line 1 {"job", "chunk_size", ...}, then one input
-                               file per line (identity, bundle). Created exclusively (a hard link
-                               that fails if the name exists): it binds OUT to its job.
+    OUT/_plan.jsonl            the frozen plan (mesh.plan): a header naming the job, one input
+                               file per line (identity, bundle), a trailer. Created exclusively (a
+                               hard link that fails if the name exists): it binds OUT to its job.
     OUT/.pending/eEPOCH/NAME   pending files of the owner of that epoch (temp + fsync + rename
                                inside). Never read by anyone but a later owner finalising them.
     OUT/part-FFFFFFFF-OOOOOOOOOOOOOOO.zst    map output of the chunk whose frozen key is (F, O)
@@ -27,18 +27,18 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import orjson
 
 from mesh.codecs.compression import get_codec
 from mesh.errors import OutputError
+from mesh.plan import PLAN, FrozenPlan, write_plan
+from mesh.source import InputFile
 
-PLAN = "_plan.jsonl"
 SUMMARY = "_summary.json"
 RESULT = "_result.json"
 PENDING = ".pending"
-PLAN_VERSION = 1
 _PART = re.compile(r"^(part|dead|unreadable)-(\d{8})-(\d{15})\.(zst|json|jsonl)$")
 _NAMES = {"part": ("part", "zst"), "partial": ("part", "json"), "dead": ("dead", "jsonl"),
           "unreadable": ("unreadable", "jsonl")}
@@ -112,51 +112,54 @@ class OutputDir:
             raise OutputError(str(self.path), f"cannot create output directory {self.path}: {exc.strerror}") from exc
 
     # -- binding: one output, one job --
-    def bind(self, freeze: Callable[[], list[dict]], check: Callable[[list[dict]], object] = lambda files: None
-             ) -> list[dict]:
-        """Bind this directory to the job and return its frozen plan (one dict per input file).
+    def bind(self, freeze: Callable[[], Iterable[InputFile]], check: Callable[[Iterable[str]], object]
+             = lambda paths: None) -> FrozenPlan:
+        """Bind this directory to the job and return its frozen plan.
 
-        The plan is made by `freeze` only the first time; every later owner (resume, replay)
-        reads it back, so file indexes, identities and bundles keep their meaning. `check`
-        sees the files either way and raises to refuse them (then nothing is written). Another
-        job's directory, or a non-empty one that no job holds, is refused with OutputError
-        before anything is written; two owners racing to bind it are decided by `os.link`,
-        which fails when the name exists."""
+        The plan is made by `freeze` only the first time, and written as it is made (a million
+        inputs never sit in memory); every later owner (resume, replay) reads it back, so file
+        indexes, identities and bundles keep their meaning. `check` sees the stored paths on a
+        resume and raises to refuse them (on the first run `freeze` checks them before reading
+        anything). Another job's directory, or a non-empty one that no job holds, is refused with
+        OutputError before anything is written; two owners racing to bind it are decided by
+        `os.link`, which fails when the name exists."""
         existing = self._bound_plan()
         if existing is not None:
-            check(existing)
+            check(existing.paths())
             return existing
         if any(not e.name.startswith(".") for e in os.scandir(self.path)):
             raise OutputError(str(self.path), f"output directory {self.path} is not empty; "
                                               "choose another --out or remove it")
-        files = freeze()
-        check(files)
-        header = {"job": self.job_id, "version": PLAN_VERSION, "files": len(files)}
-        body = b"".join(orjson.dumps(doc) + b"\n" for doc in [header, *files])
         tmp = self.path / f".tmp.{PLAN}.{secrets.token_hex(6)}"
-        _write_file(tmp, body, what=PLAN, out=self.path)
         try:
-            os.link(tmp, self.path / PLAN)
-        except FileExistsError:  # another owner bound it first: ours is not needed
-            existing = self._bound_plan()
-            return existing if existing is not None else self.bind(freeze, check)
-        except OSError as exc:
-            raise OutputError(str(self.path), f"cannot write {PLAN} in {self.path}: {exc.strerror}") from exc
+            try:
+                with open(tmp, "xb") as f:
+                    write_plan(f, self.job_id, freeze())
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, self.path / PLAN)
+            except FileExistsError:  # another owner bound it first: ours is not needed
+                pass
+            except OSError as exc:
+                raise OutputError(str(self.path), f"cannot write {PLAN} in {self.path}: {exc.strerror}") from exc
         finally:
             _unlink(tmp)
         fsync_dir(self.path)
-        return files
+        bound = self._bound_plan()
+        if bound is None:
+            raise OutputError(str(self.path), f"{self.path / PLAN} vanished while the job was being bound to it")
+        return bound
 
-    def _bound_plan(self) -> list[dict] | None:
+    def _bound_plan(self) -> FrozenPlan | None:
         """The plan if this directory is bound to this job; None if unbound; OutputError if it
         holds another job's output."""
         try:
-            job, files = read_plan(self.path)
+            plan = FrozenPlan(self.path / PLAN)
         except FileNotFoundError:
             return None
-        if job != self.job_id:
-            raise OutputError(str(self.path), already_bound_message(self.path, job))
-        return files
+        if plan.job_id != self.job_id:
+            raise OutputError(str(self.path), already_bound_message(self.path, plan.job_id))
+        return plan
 
     # -- an epoch's life: adopt what was committed, drop what was not --
     def start_epoch(self, committed: dict) -> set[str]:
@@ -237,37 +240,14 @@ def already_bound_message(path, job: str) -> str:
             "or remove that directory")
 
 
-def read_plan(path: str | os.PathLike) -> tuple[str, list[dict]]:
-    """(job id, frozen input files) of a bound output directory; FileNotFoundError when unbound."""
-    raw = (Path(path) / PLAN).read_bytes()
-    try:
-        lines = raw.splitlines()
-        header = orjson.loads(lines[0])
-        files = [orjson.loads(line) for line in lines[1:]]
-        if header.get("version") != PLAN_VERSION or len(files) != header.get("files"):
-            raise ValueError(f"version {header.get('version')}, {len(files)} of {header.get('files')} files")
-        return str(header["job"]), files
-    except (IndexError, KeyError, ValueError) as exc:
-        raise OutputError(str(path), f"{Path(path) / PLAN} is damaged ({exc}); this directory cannot be "
-                                     "resumed or replayed: choose another --out") from exc
-
-
 def bound_job(path: str | os.PathLike) -> str | None:
-    """The job an output directory is bound to, None when it is not (or cannot be read here)."""
+    """The job an output directory is bound to (its plan's header), None when it is not or
+    cannot be read here."""
     try:
-        return read_plan(path)[0]
-    except (OSError, OutputError):
+        with open(Path(path) / PLAN, "rb") as f:
+            return str(orjson.loads(f.readline())["job"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def read_inputs(path: str | os.PathLike) -> tuple[str, list[str]]:
-    """(job id, input file paths in plan order) of an output directory."""
-    try:
-        job, files = read_plan(path)
-    except OSError as exc:
-        raise OutputError(str(path), f"{path} holds no readable {PLAN}: is it a job's output directory? "
-                                     f"({exc.strerror})") from exc
-    return job, [f["path"] for f in files]
 
 
 def list_parts(path: str | os.PathLike, kind: str = "part") -> list[Path]:

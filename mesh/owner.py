@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import orjson
 import zmq
@@ -29,7 +29,8 @@ from mesh.commit import Committer
 from mesh.outputs import (MAX_RESULT_IN_STORE, RESULT, SUMMARY, OutputDir, list_parts, part_name,
                           result_reference)
 from mesh.paths import check_input_files, check_job_paths
-from mesh.source import InputFailure, InputFile, PlannedChunk, expand_inputs, freeze_inputs, plan_chunks
+from mesh.plan import FrozenPlan
+from mesh.source import InputFailure, PlannedChunk, expand_inputs, iter_freeze_inputs, plan_chunks
 from mesh.tasks import resolve_task
 from mesh.worker import node_of
 from mesh.logs import get_logger
@@ -79,7 +80,7 @@ class Owner:
         self.other_epoch_reports = 0
         self.task = None
         self.out: OutputDir | None = None
-        self.paths: list[str] = []
+        self.files: FrozenPlan | tuple = ()  # the frozen plan, read as a stream
         self.started = time.monotonic()
         self._since_commit = 0
         self._last_commit = time.monotonic()
@@ -132,7 +133,7 @@ class Owner:
                 on_poison=lambda assignment: self.inbox.put(("poison", assignment))))
             self._source_thread = threading.Thread(target=self._source, name=f"source-{self.job_id}", daemon=True)
             self._source_thread.start()
-            self.log.info("job_started", files=len(self.paths), task=self.spec.task)
+            self.log.info("job_started", files=len(self.files), task=self.spec.task)
             try:
                 self._loop()
             except StoreError:
@@ -165,15 +166,13 @@ class Owner:
         check_job_paths(self.spec, self.input_roots, self.output_roots)  # before anything is created or listed
         self.out = OutputDir(self.spec.out, job_id=self.job_id, epoch=self.epoch)
 
-        def freeze() -> list[dict]:  # a resume or replay re-lists and re-stats nothing
+        def freeze():  # the first run only: a resume or replay re-lists and re-stats nothing
             paths = check_input_files(expand_inputs(self.spec.inputs), self.input_roots)
-            return [asdict(f) for f in freeze_inputs(paths, self.spec.chunk_size)]
+            return iter_freeze_inputs(paths, self.spec.chunk_size)
 
-        docs = self.out.bind(freeze, lambda docs: check_input_files([d["path"] for d in docs], self.input_roots))
-        self.files = [InputFile(**doc) for doc in docs]
-        self.paths = [f.path for f in self.files]
+        self.files = self.out.bind(freeze, lambda paths: check_input_files(paths, self.input_roots))
         self.plan.files = len(self.files)
-        self.plan.bytes_total = sum(f.size for f in self.files)
+        self.plan.bytes_total = self.files.bytes_total
         committed = self.jobs.get_offsets(self.job_id)
         self.redone_names = self.out.start_epoch(committed)
         previous = self.jobs.get_progress(self.job_id) or {}
@@ -358,7 +357,7 @@ class Owner:
             return None
         for entry in entries:
             index = entry.get("file_index", -1)
-            entry["file"] = self.paths[index] if isinstance(index, int) and 0 <= index < len(self.paths) else None
+            entry["file"] = self.files[index].path if isinstance(index, int) and 0 <= index < len(self.files) else None
         return self._write_pending(part_name(kind, *key), b"".join(orjson.dumps(e) + b"\n" for e in entries))
 
     def _complete(self) -> bool:

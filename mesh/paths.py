@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from mesh.coordinator.jobs import JobSpec
 from mesh.errors import PathNotAllowed
@@ -73,9 +73,9 @@ def check_job_paths(spec: JobSpec, input_roots: Sequence[str], output_roots: Seq
             _check(pattern, fixed_prefix(pattern), input_roots, real_roots, "input")
 
 
-def check_input_files(paths: Sequence[str], roots: Sequence[str]) -> Sequence[str]:
+def check_input_files(paths: Iterable[str], roots: Sequence[str]) -> Iterable[str]:
     """Raise PathNotAllowed for the first file that resolves outside `roots` (no roots:
-    anywhere); return `paths` unchanged otherwise."""
+    anywhere); return `paths` unchanged otherwise (an iterator is consumed only with roots)."""
     if roots:
         real_roots = _real_roots(roots)
         for path in paths:

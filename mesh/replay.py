@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 
-from mesh.errors import InvalidSpec
-from mesh.outputs import chunk_starts, read_plan
+from mesh.errors import InvalidSpec, OutputError
+from mesh.outputs import chunk_starts
+from mesh.plan import PLAN, FrozenPlan
 
 
 def replay_offsets(out_dir: str, *, from_file: str | None = None, offset: int = 0) -> tuple[dict, dict]:
@@ -27,13 +28,17 @@ def replay_offsets(out_dir: str, *, from_file: str | None = None, offset: int = 
         return {"rewind": [0, 0]}, {"from": "all"}
     if offset < 0:
         raise InvalidSpec([f"replay offset must be >= 0 (got {offset})"])
-    _, files = read_plan(out_dir)
+    try:
+        plan = FrozenPlan(os.path.join(out_dir, PLAN))
+    except FileNotFoundError as exc:
+        raise OutputError(out_dir, f"{out_dir} holds no {PLAN}: is it a job's output directory?") from exc
     path = os.path.abspath(from_file)
-    index = next((f["index"] for f in files if f["path"] == path), None)
-    if index is None:
-        raise InvalidSpec([f"replay file {path} is not an input of this job (it has {len(files)} inputs, "
-                           f"e.g. {files[0]['path'] if files else 'none'})"])
-    bundle = files[index].get("bundle")
+    frozen = next((f for f in plan if f.path == path), None)
+    if frozen is None:
+        first = next(iter(plan), None)
+        raise InvalidSpec([f"replay file {path} is not an input of this job (it has {len(plan)} inputs, "
+                           f"e.g. {first.path if first else 'none'})"])
+    index, bundle = frozen.index, frozen.bundle
     if bundle is not None:  # a bundle is one chunk: it is redone whole, from its first file
         index, aligned = bundle, 0
     else:

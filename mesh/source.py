@@ -36,7 +36,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from mesh.codecs.errors import CodecError
 from mesh.codecs.frames import Segment
@@ -143,10 +143,14 @@ def expand_inputs(patterns: Sequence[str], *, max_files: int = 10_000_000) -> li
 def freeze_inputs(paths: Sequence[str], chunk_size: int) -> list[InputFile]:
     """Identify every input and decide the bundles, once per job (see the module docstring).
     Never raises for one bad file: it is frozen with `error` set, cut on its own (a dead letter)."""
+    return list(iter_freeze_inputs(paths, chunk_size))
+
+
+def iter_freeze_inputs(paths: Iterable[str], chunk_size: int) -> Iterator[InputFile]:
+    """`freeze_inputs`, one file at a time (the owner writes them to the plan as they come)."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0 (got {chunk_size})")
     small_limit = chunk_size // 4
-    files: list[InputFile] = []
     first, bundle_bytes, bundle_files = None, 0, 0
     for index, path in enumerate(paths):
         f = _identify(index, path)
@@ -158,8 +162,7 @@ def freeze_inputs(paths: Sequence[str], chunk_size: int) -> list[InputFile]:
             bundle_bytes += f.size
             bundle_files += 1
             f = replace(f, bundle=first)
-        files.append(f)
-    return files
+        yield f
 
 
 def _identify(index: int, path: str) -> InputFile:
@@ -187,10 +190,9 @@ def plan_chunks(files: Sequence[InputFile], *, chunk_size: int, committed: Water
     if not 0 < chunk_size <= max_record_bytes:
         raise ValueError(f"chunk_size must be in [1, max_record_bytes {max_record_bytes}] (got {chunk_size})")
     committed = committed or Watermarks()
-    by_index = {f.index: f for f in files}
 
-    def cut(index: int) -> Iterator[PlannedChunk | InputFailure]:
-        return _cut_file(by_index[index], chunk_size, committed.start_of(index), max_record_bytes)
+    def cut(index: int) -> Iterator[PlannedChunk | InputFailure]:  # files[i].index == i in a plan
+        return _cut_file(files[index], chunk_size, committed.start_of(index), max_record_bytes)
 
     ahead = [f.index for f in files if f.bundle is None and not f.error and f.encoding != "none"
              and not committed.is_done(f.index)] if readahead > 0 else []

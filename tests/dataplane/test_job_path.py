@@ -63,9 +63,10 @@ def test_parts_are_one_per_chunk_and_no_temp_files_remain(mesh, edge_corpus, tmp
     assert not [n for n in names if n.startswith(".tmp")]
     parts = list_parts(tmp_path / "out")
     # the frozen plan, planned again here: one part per chunk that has output records, no other
-    from mesh.outputs import key_of, read_plan
-    from mesh.source import InputFile, plan_chunks
-    files = [InputFile(**doc) for doc in read_plan(tmp_path / "out")[1]]
+    from mesh.outputs import key_of
+    from mesh.plan import PLAN, FrozenPlan
+    from mesh.source import plan_chunks
+    files = list(FrozenPlan(tmp_path / "out" / PLAN))
     chunks = list(plan_chunks(files, chunk_size=CHUNK))
     with_output = {c.key for c in chunks if any(_records_in_segment(c, s, files) for s in c.segments)}
     assert status["summary"]["chunks_done"] == len(chunks)

@@ -135,3 +135,44 @@ def test_a_big_reduce_result_lives_in_the_output_directory_with_a_digest_in_the_
 def orjson_dumps(doc) -> bytes:
     import orjson
     return orjson.dumps(doc)
+
+
+def test_the_frozen_plan_is_read_as_a_stream_in_bounded_memory(tmp_path):
+    """100,000 inputs: the open plan costs an offset per file (not an object per file), iterating
+    holds one file at a time, and any file can be read back by index."""
+    import tracemalloc
+
+    from mesh.plan import FrozenPlan, write_plan
+    from mesh.source import InputFile
+
+    n = 100_000
+    files = (InputFile(index=i, path=f"/data/in/2026/11/24/app-{i:08d}.log", size=120, encoding="none", dev=2049,
+                       ino=10**6 + i, mtime_ns=1_700_000_000 * 10**9 + i, fingerprint="ab" * 16, bundle=i - i % 1000)
+             for i in range(n))
+    with open(tmp_path / "_plan.jsonl", "wb") as f:
+        assert write_plan(f, "j-1", files) == n
+    tracemalloc.start()
+    try:
+        plan = FrozenPlan(tmp_path / "_plan.jsonl")
+        held = tracemalloc.get_traced_memory()[0]
+        count = sum(1 for _ in plan)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(plan) == count == n and plan.bytes_total == 120 * n and plan.job_id == "j-1"
+    assert plan[123_456].path == "/data/in/2026/11/24/app-00123456.log" and plan[123_456].bundle == 123_000
+    assert held < 16 * n, f"{held / n:.0f} bytes per file held"     # 8 for the offset, plus slack
+    assert peak < 16 * n + 4 * 2**20, f"peak {peak / 2**20:.1f} MiB"  # plus the read buffer
+
+
+def test_a_damaged_plan_is_refused_with_a_clear_error(tmp_path):
+    from mesh.errors import OutputError
+    from mesh.plan import FrozenPlan, write_plan
+    from mesh.source import InputFile
+
+    with open(tmp_path / "_plan.jsonl", "wb") as f:
+        write_plan(f, "j-1", [InputFile(index=i, path=f"/x/{i}", size=1, encoding="none") for i in range(3)])
+    data = (tmp_path / "_plan.jsonl").read_bytes()
+    (tmp_path / "_plan.jsonl").write_bytes(data[: data.rindex(b"{")])  # the trailer lost
+    with pytest.raises(OutputError, match="is damaged .*incomplete"):
+        FrozenPlan(tmp_path / "_plan.jsonl")

@@ -18,7 +18,9 @@ from mesh.coordinator.config import ConfigStore
 from mesh.coordinator.jobs import JobSpec
 from mesh.coordinator.store import Put
 from mesh.errors import InvalidSpec, PathNotAllowed
-from mesh.outputs import PLAN, iter_output, list_parts
+from mesh.outputs import iter_output, list_parts
+from mesh.plan import PLAN, write_plan
+from mesh.source import InputFile
 from mesh.paths import check_inside_roots, fixed_prefix
 from waiting import wait_until
 
@@ -164,9 +166,8 @@ def test_a_resumed_jobs_stored_file_list_is_checked_under_the_roots(mesh, tree):
     out.mkdir()
     secret = tree / "outside" / "secret.jsonl"
     files = [str(tree / "in" / "a.jsonl"), str(secret)]
-    plan = [{"job": job_id, "version": 1, "files": 2}] + [{"index": i, "path": p, "size": 0, "encoding": "none"}
-                                                          for i, p in enumerate(files)]
-    (out / PLAN).write_bytes(b"".join(json.dumps(doc).encode() + b"\n" for doc in plan))
+    with open(out / PLAN, "wb") as f:
+        write_plan(f, job_id, [InputFile(index=i, path=p, size=0, encoding="none") for i, p in enumerate(files)])
     spec = JobSpec(inputs=(str(tree / "in"),), task="identity", out=str(out))
     mesh.client.store.txn([], [Put(jobs.key(job_id, "spec"), spec.to_json().encode()),
                                Put(jobs.key(job_id, "state"), pending())])
