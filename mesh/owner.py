@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import orjson
@@ -28,9 +29,9 @@ from mesh.offsets import Watermarks
 from mesh.commit import Committer
 from mesh.outputs import (MAX_RESULT_IN_STORE, RESULT, SUMMARY, OutputDir, list_parts, part_name,
                           result_reference)
-from mesh.paths import check_input_files, check_job_paths
+from mesh.paths import check_job_paths, checked_input_files
 from mesh.plan import FrozenPlan
-from mesh.source import InputFailure, PlannedChunk, expand_inputs, iter_freeze_inputs, plan_chunks
+from mesh.source import InputFailure, PlannedChunk, iter_freeze_inputs, iter_inputs, plan_chunks
 from mesh.tasks import resolve_task
 from mesh.worker import node_of
 from mesh.logs import get_logger
@@ -167,10 +168,10 @@ class Owner:
         self.out = OutputDir(self.spec.out, job_id=self.job_id, epoch=self.epoch)
 
         def freeze():  # the first run only: a resume or replay re-lists and re-stats nothing
-            paths = check_input_files(expand_inputs(self.spec.inputs), self.input_roots)
+            paths = checked_input_files(iter_inputs(self.spec.inputs), self.input_roots)
             return iter_freeze_inputs(paths, self.spec.chunk_size)
 
-        self.files = self.out.bind(freeze, lambda paths: check_input_files(paths, self.input_roots))
+        self.files = self.out.bind(freeze, lambda paths: deque(checked_input_files(paths, self.input_roots), 0))
         self.plan.files = len(self.files)
         self.plan.bytes_total = self.files.bytes_total
         committed = self.jobs.get_offsets(self.job_id)

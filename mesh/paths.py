@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from mesh.coordinator.jobs import JobSpec
 from mesh.errors import PathNotAllowed
 
-__all__ = ["check_inside_roots", "check_job_paths", "check_input_files", "fixed_prefix"]
+__all__ = ["check_inside_roots", "check_job_paths", "check_input_files", "checked_input_files", "fixed_prefix"]
 
 
 def fixed_prefix(pattern: str) -> str:
@@ -73,11 +73,19 @@ def check_job_paths(spec: JobSpec, input_roots: Sequence[str], output_roots: Seq
             _check(pattern, fixed_prefix(pattern), input_roots, real_roots, "input")
 
 
-def check_input_files(paths: Iterable[str], roots: Sequence[str]) -> Iterable[str]:
+def check_input_files(paths: Sequence[str], roots: Sequence[str]) -> Sequence[str]:
     """Raise PathNotAllowed for the first file that resolves outside `roots` (no roots:
-    anywhere); return `paths` unchanged otherwise (an iterator is consumed only with roots)."""
-    if roots:
-        real_roots = _real_roots(roots)
-        for path in paths:
-            _check(path, path, roots, real_roots, "input")
+    anywhere); return `paths` unchanged otherwise."""
+    for _ in checked_input_files(paths, roots):
+        pass
     return paths
+
+
+def checked_input_files(paths: Iterable[str], roots: Sequence[str]) -> Iterator[str]:
+    """`paths`, each checked as it passes (PathNotAllowed at the first outside `roots`): a
+    million listed files are checked without being held."""
+    real_roots = _real_roots(roots) if roots else ()
+    for path in paths:
+        if roots:
+            _check(path, path, roots, real_roots, "input")
+        yield path

@@ -114,30 +114,65 @@ class InputFailure:
 
 
 def expand_inputs(patterns: Sequence[str], *, max_files: int = 10_000_000) -> list[str]:
-    """Paths in the order given; globs and directories expanded, sorted; duplicates dropped.
-    Hidden files (``.name``) inside a directory are skipped, as temp files and markers."""
-    seen: set[str] = set()
-    paths: list[str] = []
+    """`iter_inputs` as a list (for callers that want one; the owner streams)."""
+    return list(iter_inputs(patterns, max_files=max_files))
+
+
+def iter_inputs(patterns: Sequence[str], *, max_files: int = 10_000_000) -> Iterator[str]:
+    """Absolute paths in the order given; a directory is walked in name order (each folder's
+    entries sorted, sub-folders where their names fall), a glob's matches sorted; duplicates
+    across patterns dropped. Hidden files (``.name``) inside a directory are skipped, as temp
+    files and markers. Streams: a folder tree of a million files is never held as a list (only
+    one folder's names at a time; with several patterns, the set of paths seen)."""
+    seen: set[str] | None = set() if len(patterns) > 1 else None
+    count = 0
     for pattern in patterns:
         if os.path.isdir(pattern):
-            matched = sorted(os.path.join(root, name) for root, dirs, names in os.walk(pattern)
-                             for name in names if not name.startswith("."))
+            matched = _walk_sorted(os.path.abspath(pattern))
         elif glob.has_magic(pattern):
-            matched = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            matched = iter(sorted(os.path.abspath(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)))
         elif os.path.isfile(pattern):
-            matched = [pattern]
+            matched = iter([os.path.abspath(pattern)])
         else:
             raise InputError(pattern, f"input {pattern!r} does not exist")
-        if not matched:
-            raise InputError(pattern, f"input {pattern!r} matched no files")
+        found = False
         for path in matched:
-            path = os.path.abspath(path)
-            if path not in seen:
+            found = True
+            if seen is not None:
+                if path in seen:
+                    continue
                 seen.add(path)
-                paths.append(path)
-        if len(paths) > max_files:
-            raise InputError(pattern, f"inputs match more than max_files={max_files} files")
-    return paths
+            count += 1
+            if count > max_files:
+                raise InputError(pattern, f"inputs match more than max_files={max_files} files")
+            yield path
+        if not found:
+            raise InputError(pattern, f"input {pattern!r} matched no files")
+
+
+def _walk_sorted(folder: str) -> Iterator[str]:
+    """Regular files under `folder` (symlinks to files included, as os.walk lists them), in name
+    order, hidden names skipped."""
+    try:
+        entries = sorted((e.name, _kind(e)) for e in os.scandir(folder) if not e.name.startswith("."))
+    except OSError:
+        return
+    for name, kind in entries:
+        path = os.path.join(folder, name)
+        if kind == "dir":
+            yield from _walk_sorted(path)
+        elif kind == "file":
+            yield path
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """"dir" to descend, "file" to list, "skip" for a symlink to a folder (not followed, as os.walk)."""
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            return "dir"
+        return "skip" if entry.is_symlink() and entry.is_dir() else "file"
+    except OSError:
+        return "file"  # it will be a dead letter naming it
 
 
 def freeze_inputs(paths: Sequence[str], chunk_size: int) -> list[InputFile]:
