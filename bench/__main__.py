@@ -17,6 +17,7 @@ from bench.workloads import DEFAULT, QUICK, WORKLOADS, applies, ensure_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK_RUNNERS = ["plain", "chunkmesh_run", "pool_files", "pool_chunks"]
+STORE_FIELDS = ("store_max_value_bytes", "store_max_value_key", "store_written_bytes", "store_max_written_bytes")
 
 
 def _cores() -> int:
@@ -31,6 +32,8 @@ def _one_run(runner, w, corpus_files: int, ref, tmp: str, timeout: float) -> dic
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     m = run_measured(runner.command(out), services=runner.service_pids(), env=env, cwd=REPO, timeout=timeout)
     row = {"wall_s": m.wall_s, "cpu_s": m.cpu_s, "peak_rss_mb": m.peak_rss_mb, "peak_pss_mb": m.peak_pss_mb}
+    if runner.owner_root is not None:
+        row["owner_peak_pss_mb"] = m.root_peak_pss_mb[runner.owner_root]
     try:
         if m.returncode != 0:
             raise RuntimeError(f"exit {m.returncode}: {m.stderr.decode(errors='replace')[-600:]}")
@@ -40,6 +43,7 @@ def _one_run(runner, w, corpus_files: int, ref, tmp: str, timeout: float) -> dic
                    records_out=doc.get("records_out", 0), chunks=doc.get("chunks"),
                    coordinator_writes=doc.get("coordinator_writes"), files=corpus_files,
                    task_cpu_s=doc.get("task_cpu_s"))
+        row.update({k: doc[k] for k in STORE_FIELDS if doc.get(k) is not None})
         row["error"] = None if ref is None else compare(got, ref[0], doc["records_in"], ref[1])
         row["_answer"] = got
     except Exception as exc:  # a failed run is reported, not a time
@@ -54,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny corpus, 1 run, plain + chunkmesh_run + pool: < 1 min")
     p.add_argument("--runs", type=int, default=None, help="runs per runner and workload (default 3; quick: 1)")
     p.add_argument("--runners", default=None, help=f"comma-separated, from {','.join(ALL)}")
-    p.add_argument("--workloads", default=None, help=f"comma-separated, from {','.join(WORKLOADS)}")
+    p.add_argument("--workloads", default=None,
+                   help=f"comma-separated, from {','.join(WORKLOADS)} (default: all but tiny-null)")
     p.add_argument("--scale", type=float, default=None, help="corpus scale (default 1; quick: 0.02)")
     p.add_argument("--cores", type=int, default=None, help="workers / processes per runner (default: all cores)")
     p.add_argument("--out", default=os.path.join(REPO, "bench", "results"))

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import zlib
 import re
 import sys
 import time
@@ -49,7 +50,7 @@ from datetime import datetime, timedelta, timezone
 from itertools import accumulate
 from pathlib import Path
 from random import Random
-from typing import Iterator
+from typing import Iterator, Sequence
 
 __all__ = [
     "AVG_RECORD_BYTES",
@@ -441,7 +442,7 @@ def generate_records(rng: Random, n: int,
 
 @dataclass
 class CorpusInfo:
-    files: list[Path]          # sorted
+    files: Sequence[Path]      # sorted (a list; for the tiny shape computed on demand)
     records: int
     bytes_uncompressed: int
     bytes_on_disk: int = 0
@@ -449,7 +450,12 @@ class CorpusInfo:
     seed: int = 0
 
 
-SHAPES = ("demo", "small", "big", "plain")
+SHAPES = ("demo", "small", "big", "plain", "tiny")
+
+TINY_FILES = 1_000_000        # at scale 1
+TINY_FILES_PER_DIR = 1000
+TINY_GZ_EVERY = 100           # file i is .jsonl.gz when i % 100 == 99 (1%), else .jsonl
+_TINY_COUNT_SEED = 0x74696E79  # mixed with the corpus seed: records per file, 1-3
 
 
 def _write_file(path: Path, gen: LogGenerator, n: int) -> int:
@@ -504,7 +510,76 @@ def _plan(shape: str, scale: float) -> list[tuple[str, int]]:
         return [(f"part-{i:05d}.jsonl.gz", recs(250_000)) for i in range(8)]
     if shape == "plain":
         return [(f"part-{i:05d}.jsonl", recs(250_000)) for i in range(4)]
+    if shape == "tiny":
+        raise ValueError("the tiny shape is written by _write_tiny, not from a plan")
     raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
+
+
+def _tiny_dir(i: int, n: int) -> str:
+    """Folder of file ``i`` of ``n``, zero-padded so that sorted paths are in write order."""
+    width = max(4, len(str((n - 1) // TINY_FILES_PER_DIR)))
+    return f"dir-{i // TINY_FILES_PER_DIR:0{width}d}"
+
+
+def _tiny_name(i: int, n: int) -> str:
+    gz = ".gz" if i % TINY_GZ_EVERY == TINY_GZ_EVERY - 1 else ""
+    return f"{_tiny_dir(i, n)}/part-{i:0{max(7, len(str(n - 1)))}d}.jsonl{gz}"
+
+
+class _TinyFiles(Sequence):
+    """The paths of a tiny corpus, made when asked for: a million Path objects would take ~300 MB."""
+
+    def __init__(self, out: Path, n: int):
+        self._out, self._n = out, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._out / _tiny_name(i % self._n, self._n)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(other) == self._n and all(a == b for a, b in zip(self, other))
+
+
+def _write_tiny(out: Path, seed: int, scale: float) -> CorpusInfo:
+    """A million (x scale) files of 1-3 records, 1,000 per folder, written with bare os calls:
+    per file one slice of a generated block, one os.open/os.write/os.close (and, for 1 in 100,
+    one gzip compress). Records per file come from their own seeded stream, so the record stream
+    (and every record's bytes) is the one LogGenerator gives for the seed."""
+    n = max(1, round(TINY_FILES * scale))
+    gen = LogGenerator(Random(seed))
+    counts_rng = Random(seed ^ _TINY_COUNT_SEED)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+    records = size = disk = 0
+    for first in range(0, n, TINY_FILES_PER_DIR):
+        last = min(n, first + TINY_FILES_PER_DIR)
+        (out / _tiny_dir(first, n)).mkdir(parents=True, exist_ok=True)
+        counts = [1 + b % 3 for b in counts_rng.randbytes(last - first)]
+        block = gen.block(sum(counts))
+        pos = list(accumulate(map(len, block.splitlines(keepends=True)), initial=0))
+        rec = 0
+        for i, k in zip(range(first, last), counts):
+            data = block[pos[rec]:pos[rec + k]]
+            rec += k
+            size += len(data)
+            name = _tiny_name(i, n)
+            if name.endswith(".gz"):
+                data = zlib.compress(data, GZIP_LEVEL, 31)  # gzip, mtime 0, as gzip.compress(mtime=0)
+            fd = os.open(os.path.join(out, name), flags, 0o644)
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(f"short write to {os.path.join(out, name)} (disk full?)")
+            finally:
+                os.close(fd)
+            disk += len(data)
+        records += rec
+    return CorpusInfo(files=_TinyFiles(out, n), records=records, bytes_uncompressed=size,
+                      bytes_on_disk=disk, shape="tiny", seed=seed)
 
 
 def write_corpus(out_dir: str | os.PathLike, shape: str, *, seed: int = 7,
@@ -523,6 +598,8 @@ def write_corpus(out_dir: str | os.PathLike, shape: str, *, seed: int = 7,
       per folder dir-000/, dir-001/, ...
     * ``big``: 8 .jsonl.gz files of 250,000 records (records scaled).
     * ``plain``: 4 .jsonl files of 250,000 records (records scaled).
+    * ``tiny``: 1,000,000 files of 1-3 records (count scaled, at least 1), 1,000 per folder
+      dir-0000/, dir-0001/, ...; plain .jsonl, 1 in 100 .jsonl.gz.
 
     Timestamps keep increasing across files in sorted path order.
     """
@@ -531,6 +608,9 @@ def write_corpus(out_dir: str | os.PathLike, shape: str, *, seed: int = 7,
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {seed!r}")
     out = Path(out_dir)
+    if shape == "tiny":
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_tiny(out, seed, scale)
     plan = _plan(shape, scale)
     out.mkdir(parents=True, exist_ok=True)
     gen = LogGenerator(Random(seed))

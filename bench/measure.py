@@ -5,6 +5,9 @@ Memory is sampled as the sum of RSS and, where readable, of PSS (proportional se
 shared between processes, e.g. after fork, are split between them instead of counted in each),
 and never reported below the kernel's own peak of the command (`ru_maxrss` from wait4): nothing
 here depends on a sample landing while a short process lives.
+Each root process (the command itself, each service PID) also has its own peak PSS, of that one
+process without its children: `meshctl run` runs the daemon (the owner of every job) in its own
+process and its workers as children, so the root's peak is the owner's.
 CPU seconds: the command's own rusage (it and the children it reaped) or the sampled sum, whichever
 is larger, plus the sampled CPU growth of the service processes over the run.
 """
@@ -14,7 +17,7 @@ import os
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 
@@ -28,6 +31,8 @@ class Measurement:
     cpu_s: float
     peak_rss_mb: float
     peak_pss_mb: float
+    # peak PSS of each root process alone (no children): [the command, *services], in MB
+    root_peak_pss_mb: list[float] = field(default_factory=list)
 
 
 def _cpu(p: psutil.Process) -> float:
@@ -41,6 +46,7 @@ class _Sampler:
         self.first: dict[tuple, float] = {}
         self.last: dict[tuple, float] = {}
         self.procs: dict[int, psutil.Process] = {}
+        self.root_peak_pss: dict[int, int] = {}  # root pid -> peak PSS of that process alone
 
     def _tree(self) -> list[psutil.Process]:
         out = []
@@ -64,6 +70,9 @@ class _Sampler:
                     mi = p.memory_full_info()
                     rss += mi.rss
                     pss_sum += getattr(mi, "pss", mi.rss)
+                    if p.pid in self.roots:
+                        own = getattr(mi, "pss", mi.rss)
+                        self.root_peak_pss[p.pid] = max(self.root_peak_pss.get(p.pid, 0), own)
                 else:
                     rss += p.memory_info().rss
             except psutil.Error:
@@ -124,5 +133,8 @@ def run_measured(cmd: list[str], *, services: list[int] = (), env: dict | None =
     kernel_peak = usage.ru_maxrss * 1024
     peak_rss = max(peaks[0], kernel_peak)
     peak_pss = peaks[1] if peaks[1] > 0 else kernel_peak
+    # never sampled: the kernel's peak (of the largest process of the tree) stands in, an upper bound
+    roots = [cmd_sampler.root_peak_pss.get(proc.pid) or kernel_peak]
+    roots += [service_sampler.root_peak_pss.get(pid, 0) for pid in services]
     return Measurement(proc.returncode, b"".join(chunks["out"]), b"".join(chunks["err"]), wall, cpu,
-                       peak_rss / 2**20, peak_pss / 2**20)
+                       peak_rss / 2**20, peak_pss / 2**20, [b / 2**20 for b in roots])

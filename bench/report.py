@@ -10,7 +10,11 @@ import time
 import orjson
 
 METRICS = ("records_per_s", "mb_per_s", "files_per_s", "e2e_records_per_s", "seconds", "wall_s", "cpu_s",
-           "peak_pss_mb", "peak_rss_mb", "chunks_per_s", "coordinator_writes", "transport_share")
+           "peak_pss_mb", "peak_rss_mb", "chunks_per_s", "coordinator_writes", "transport_share",
+           "owner_peak_pss_mb", "store_max_value_bytes", "store_written_bytes", "store_max_written_bytes")
+# chunkmesh only: the owner's process alone, and what the job left in / wrote to the coordinator store
+OWNER_AND_STORE = ("owner_peak_pss_mb", "store_max_value_bytes", "store_written_bytes", "store_max_written_bytes")
+STORE_VALUE_GOAL_BYTES = 4096  # DESIGN.md: a million files must not make one value larger than a few KiB
 
 
 def environment(cores: int, scale: float, runs: int, quick: bool) -> dict:
@@ -48,6 +52,7 @@ def _per_run(r: dict) -> dict:
         d["coordinator_writes"] = r["coordinator_writes"]
     if r.get("task_cpu_s"):  # measured by the workers around the task's own code
         d["transport_share"] = max(0.0, 1 - r["task_cpu_s"] / r["cpu_s"])
+    d.update({k: r[k] for k in OWNER_AND_STORE if r.get(k) is not None})
     return d
 
 
@@ -64,6 +69,9 @@ def build(meta: dict, rows: list[dict]) -> dict:
         row["correct"] = bool(runs) and all(r.get("error") is None for r in runs)
         row["errors"] = sorted({r["error"] for r in runs if r.get("error")})
         good = [_per_run(r) for r in runs if r.get("error") is None]
+        keys = [r["store_max_value_key"] for r in runs if r.get("error") is None and r.get("store_max_value_key")]
+        if keys:
+            row["store_max_value_key"] = keys[-1]
         for m in METRICS:
             xs = [g[m] for g in good if m in g]
             if xs:
@@ -114,6 +122,11 @@ def goals(meta: dict, rows: list[dict]) -> list[dict]:
     if r:
         v = r["mb_per_s"]["median"]
         add("null task data plane >= 1 GB/s", f"{v:,.0f} MB/s", v >= 1000)
+    for r in [x for x in rows if x["workload"] == "tiny-null" and "store_max_value_bytes" in x]:
+        v = r["store_max_value_bytes"]["max"]
+        files = next((x["files"] for x in r["runs"] if x.get("files")), 0)
+        add(f"largest coordinator store value <= {STORE_VALUE_GOAL_BYTES:,} B with {files:,} files ({r['runner']})",
+            f"{v:,.0f} B", v <= STORE_VALUE_GOAL_BYTES, f"key {r.get('store_max_value_key')}")
     r = get("small-etl", "chunkmesh_run") or get("big-etl", "chunkmesh_run")
     if r:
         v = r["wall_s"]["median"] - r["seconds"]["median"]
@@ -132,21 +145,35 @@ def _rng(m, fmt="{:,.0f}"):
     return f"{fmt.format(m['median'])} ({fmt.format(m['min'])}–{fmt.format(m['max'])})"
 
 
+COLUMNS = ("workload", "runner", "ok", "records/s", "MB/s", "files/s", "par. eff.", "e2e eff.", "wall s",
+           "peak PSS MB", "peak RSS MB", "CPU s", "transport share", "chunks/s", "coord. writes",
+           "owner peak PSS MB", "largest store value", "store bytes written")
+
+
+def _bytes(m) -> str:
+    """A median in bytes, in B / KiB / MiB."""
+    if not m:
+        return ""
+    v = m["median"]
+    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
+        if v >= size:
+            return f"{v / size:,.1f} {unit}"
+    return f"{v:,.0f} B"
+
+
 def markdown_table(doc: dict) -> str:
     meta = doc["meta"]
     lines = [f"{meta['cores']} cores ({meta['cpu']}), Python {meta['python']}, JSON: {meta['json_library']}, "
              f"corpus scale {meta['scale']:g} (seed {meta['seed']}), medians of {meta['runs']} run(s) "
              f"(min–max), commit {meta['commit']}, {meta['date']}", "",
-             "| workload | runner | ok | records/s | MB/s | files/s | par. eff. | e2e eff. | wall s | "
-             "peak PSS MB | peak RSS MB | CPU s | transport share | chunks/s | coord. writes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    pad = " |" * (len(COLUMNS) - 4)
     for r in doc["rows"]:
         if r.get("skipped"):
-            lines.append(f"| {r['workload']} | {r['runner']} | – | {r['skipped']} |" + " |" * 11)
+            lines.append(f"| {r['workload']} | {r['runner']} | – | {r['skipped']} |" + pad)
             continue
         if not r["correct"]:
-            lines.append(f"| {r['workload']} | {r['runner']} | **FAILED** | {'; '.join(r['errors'])[:200]} |"
-                         + " |" * 11)
+            lines.append(f"| {r['workload']} | {r['runner']} | **FAILED** | {'; '.join(r['errors'])[:200]} |" + pad)
             continue
         g = lambda k, fmt="{:,.0f}": _f(r[k]["median"], fmt) if k in r else ""  # noqa: E731
         name = r["runner"] + ("" if r["startup_included"] is not False else " ¹")
@@ -155,7 +182,8 @@ def markdown_table(doc: dict) -> str:
             f"{g('files_per_s')} | {_f(r.get('parallel_efficiency'), '{:.2f}')} | "
             f"{_f(r.get('e2e_efficiency'), '{:.2f}')} | {_rng(r.get('wall_s'), '{:.2f}')} | {g('peak_pss_mb')} | "
             f"{g('peak_rss_mb')} | {g('cpu_s', '{:.1f}')} | {g('transport_share', '{:.0%}')} | "
-            f"{g('chunks_per_s', '{:,.1f}')} | {g('coordinator_writes')} |")
+            f"{g('chunks_per_s', '{:,.1f}')} | {g('coordinator_writes')} | {g('owner_peak_pss_mb')} | "
+            f"{_bytes(r.get('store_max_value_bytes'))} | {_bytes(r.get('store_written_bytes'))} |")
     lines += ["", "¹ service started before the timed command (mesh up / Redis + Celery worker): end-to-end "
               "excludes its start-up; its processes are in the measured memory and CPU.", ""]
     if doc["goals"]:

@@ -12,6 +12,9 @@ class Runner:
     module = ""
     output = "parts"  # "parts": OUT/part-*.zst written by the runner; "mesh": a chunkmesh output dir
     startup_included = True  # False when a long-running service was started before the timed command
+    # the process that owns the job (chunkmesh's daemon), as an index into run_measured's
+    # root_peak_pss_mb ([the command, *service_pids()]); None: no such process
+    owner_root: int | None = None
 
     def __init__(self, name: str, spec: dict):
         self.name, self.spec = name, spec

@@ -13,7 +13,7 @@ import time
 import orjson
 
 from bench.runners.base import Runner as _Base
-from bench.runners.chunkmesh_run import job_args, store_revision
+from bench.runners.chunkmesh_run import job_args, store_revision, store_sizes
 
 NAME = "chunkmesh_submit"
 
@@ -25,6 +25,7 @@ def unavailable() -> str | None:
 class Runner(_Base):
     output = "mesh"
     startup_included = False
+    owner_root = 1  # the daemon of `mesh up` (the service), not the submitting client
 
     def _start(self):
         self.state_dir = tempfile.mkdtemp(prefix="bench-mesh-up-")
@@ -74,5 +75,5 @@ class Runner(_Base):
         doc = orjson.loads(stdout)
         if doc.get("state") != "done":
             raise RuntimeError(f"job {doc.get('state')}: {doc.get('reason')}")
-        doc["coordinator_writes"] = store_revision(self.state_dir) - self.rev0
+        doc.update(store_sizes(self.state_dir, since_revision=self.rev0))  # the job alone
         return doc
