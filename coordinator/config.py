@@ -186,7 +186,7 @@ class Field:
 SCHEMA: tuple[Field, ...] = (
     Field("workers_per_node", "int", None, (1, 1024), "", "worker processes per meshd", null="one per core"),
     Field("window", "int", 2, (1, 64), "", "chunks a worker may hold at once (its credits)"),
-    Field("default_chunk_size", "int", 1 << 20, (64 << 10, 256 << 20), "bytes",
+    Field("default_chunk_size", "int", 1 << 20, (64 << 10, 64 << 20), "bytes",
           "chunk size of jobs that do not set one (CLI: 4M, 512K)"),
     Field("default_codec", "choice", "auto", ("auto", "none", "lz4", "zstd"), "",
           "transport compression of jobs that do not set one"),
@@ -203,6 +203,9 @@ SCHEMA: tuple[Field, ...] = (
     Field("commit_interval_s", "float", 0.5, (0.05, 60), "s", "how often an owner commits offsets"),
     Field("chunk_time_limit_s", "float", 600.0, (0.5, 86400), "s",
           "a worker busy longer than this on one chunk is killed; the chunk is retried, then dead-lettered"),
+    Field("job_retention_s", "float", 7 * 86400.0, (60, 10 * 365 * 86400), "s",
+          "finished jobs' records are deleted this long after they ended (output directories are kept)",
+          null="kept until meshctl jobs --prune"),
 )
 FIELDS: dict[str, Field] = {f.name: f for f in SCHEMA}
 
@@ -245,6 +248,7 @@ class ClusterConfig:
     max_pending_jobs: int = _d("max_pending_jobs")
     commit_interval_s: float = _d("commit_interval_s")
     chunk_time_limit_s: float = _d("chunk_time_limit_s")
+    job_retention_s: float | None = _d("job_retention_s")
 
     def __post_init__(self) -> None:
         problems = [p for f in SCHEMA for p in f.problems(getattr(self, f.name))]

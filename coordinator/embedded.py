@@ -14,6 +14,8 @@ time restarts at boot, so the boot id is kept in `meta` and every lease is expir
 open after a reboot. Expiry is lazy: store calls (reads and watch polls included, at most every
 100 ms per store object) first delete due leases and their keys, one revision per lease (the
 delete events a watcher expects). A put on a dead lease is refused whatever the throttle.
+A request bigger than etcd's default limit (`MAX_REQUEST_BYTES`, keys and values of one put or
+txn) is refused with `StoreRequestRejected`, as etcd refuses it, so code that fits here fits there.
 Watches poll the `events` table (every 25 ms, waking earlier on writes made through the same
 store object). History is compacted automatically to the last `history_limit` revisions
 (checked every few hundred writes), so months of use stay bounded.
@@ -29,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from mesh.coordinator.errors import Compacted, LeaseNotFound, StoreError, StoreUnavailable
+from mesh.coordinator.errors import Compacted, LeaseNotFound, StoreError, StoreRequestRejected, StoreUnavailable
 from mesh.coordinator.store import (
     Compare, Delete, DeletePrefix, Event, Get, KeyValue, Lease, Op, Put, TxnResult,
     check_key, check_txn_branch, compare_holds, prefix_end,
@@ -43,6 +45,7 @@ EXPIRY_CHECK_INTERVAL_S = 0.1
 WATCH_POLL_S = 0.025
 WATCH_BATCH_ROWS = 1000
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+MAX_REQUEST_BYTES = 3 * 512 * 1024  # etcd's default --max-request-bytes (1.5 MiB): one put or txn
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -67,6 +70,18 @@ _UNAVAILABLE_CODES = {
     sqlite3.SQLITE_CANTOPEN: "cannot be opened (check that the state dir exists and is writable)",
     sqlite3.SQLITE_IOERR: "hit an I/O error (check the disk)",
     sqlite3.SQLITE_PERM: "is not accessible (permission denied)"}
+
+
+def _check_request_size(what: str, ops: Sequence[Op]) -> None:
+    """Refuse, as etcd does, a request whose keys and values add up to more than MAX_REQUEST_BYTES."""
+    size = sum(len(op.key.encode("utf-8", "surrogateescape")) + len(op.value) if isinstance(op, Put)
+               else len(getattr(op, "key", getattr(op, "prefix", "")).encode("utf-8", "surrogateescape"))
+               for op in ops)
+    if size > MAX_REQUEST_BYTES:
+        reason = f"request is too large ({size} bytes, limit {MAX_REQUEST_BYTES})"
+        raise StoreRequestRejected(f"{what}: the embedded store refused the request: {reason}; the same request "
+                                   "can never succeed (etcd refuses it too): keep values and txns under 1.5 MiB",
+                                   reason)
 
 
 def _kv(row: tuple) -> KeyValue:
@@ -288,6 +303,7 @@ class EmbeddedStore:
         check_key(key)
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise TypeError(f"value must be bytes (got {type(value).__name__})")
+        _check_request_size(f"put {key!r}", [Put(key, bytes(value), lease)])
         return self._write(f"put {key!r}", lambda tx: tx.put(key, value, lease))[1]
 
     def delete(self, key: str) -> int:
@@ -302,6 +318,7 @@ class EmbeddedStore:
                 raise TypeError(f"txn compares must be Compare objects (got {cmp!r})")
         check_txn_branch(success)
         check_txn_branch(failure)
+        _check_request_size("txn", [*success, *failure])
 
         def run(tx: _Tx) -> tuple[bool, list]:
             ok = all(compare_holds(c, tx.get(c.key)) for c in compares)

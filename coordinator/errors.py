@@ -1,5 +1,19 @@
 """Control-plane errors. Backends translate their library's exceptions into these at the
-boundary (`raise ... from exc`); nobody above a backend catches a third-party exception."""
+boundary (`raise ... from exc`); nobody above a backend catches a third-party exception.
+
+::
+
+    StoreError                      the store failed an operation; retry with backoff
+    ├── StoreUnavailable            cannot reach it (the operation may or may not have been applied)
+    ├── StoreRequestRejected(reason)
+    │                               refused for good (over the request size limit, a malformed
+    │                               request): the same request can never succeed; do not retry
+    ├── StoreAuthError(user)        credentials refused; fix them, retrying does not help
+    ├── Compacted(revision)         watched history is gone; re-read everything
+    ├── LeaseNotFound(lease_id)     the lease expired or was revoked
+    ├── ConfigConflict              a config write lost a race: re-read, then retry
+    └── NotOwner(job_id, epoch)     a fenced write lost: this owner must step down
+"""
 from __future__ import annotations
 
 from mesh.codecs.errors import MeshError
@@ -11,6 +25,18 @@ class StoreError(MeshError):
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached (etcd down, state directory unreadable). Retry with backoff."""
+
+
+class StoreRequestRejected(StoreError):
+    """The store refused this request as it is, so retrying it can never succeed: a value or txn
+    over the request size limit (etcd's --max-request-bytes, 1.5 MiB by default; the embedded
+    store enforces the same `MAX_REQUEST_BYTES`), too many operations, or another request the
+    store calls invalid. A caller that retries store errors must stop on this one (fail the job,
+    keep its data smaller). `reason` is the store's own words."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class StoreAuthError(StoreError):

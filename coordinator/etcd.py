@@ -35,7 +35,9 @@ with warnings.catch_warnings():  # python-etcd3's generated protobuf code uses d
     import etcd3
     from etcd3 import etcdrpc
 
-from mesh.coordinator.errors import LeaseNotFound, StoreAuthError, StoreError, StoreUnavailable
+from mesh.coordinator.errors import (
+    LeaseNotFound, StoreAuthError, StoreError, StoreRequestRejected, StoreUnavailable,
+)
 from mesh.coordinator.store import (
     Compare, Delete, DeletePrefix, Get, KeyValue, Lease, Op, Put, Range, TxnResult,
     check_key, check_txn_branch, prefix_end,
@@ -62,9 +64,14 @@ _CMP_FIELD = {"value": "value", "version": "version", "create": "create_revision
 _CMP_RESULT = {"==": etcdrpc.Compare.EQUAL, "!=": etcdrpc.Compare.NOT_EQUAL,
                "<": etcdrpc.Compare.LESS, ">": etcdrpc.Compare.GREATER}
 
-# gRPC status -> our exception; codes not listed (INVALID_ARGUMENT: too many txn ops, a request
-# over --max-request-bytes; RESOURCE_EXHAUSTED: quota; ...) become StoreError with etcd's detail.
+# gRPC status -> our exception; codes not listed become StoreError (retryable) with etcd's detail.
 # etcd uses NOT_FOUND only for a missing lease (and cluster members, which we never ask for).
+# StoreRequestRejected: answers that the same request can never change: INVALID_ARGUMENT (a
+# request over --max-request-bytes, "etcdserver: request is too large"; too many txn ops; a
+# duplicate key) and FAILED_PRECONDITION. RESOURCE_EXHAUSTED is both "the request is over gRPC's
+# message limit" (for good: the server's receive limit is --max-request-bytes + 512 KiB) and
+# "mvcc: database space exceeded" (a quota alarm an operator clears: retryable); only its detail
+# tells them apart, so that one code is also matched on gRPC's fixed wording, "larger than max".
 _UNAVAILABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _BY_CODE: dict[grpc.StatusCode, type[Exception]] = {
     grpc.StatusCode.UNAVAILABLE: StoreUnavailable,
@@ -72,7 +79,10 @@ _BY_CODE: dict[grpc.StatusCode, type[Exception]] = {
     grpc.StatusCode.UNAUTHENTICATED: StoreAuthError,
     grpc.StatusCode.PERMISSION_DENIED: StoreAuthError,
     grpc.StatusCode.NOT_FOUND: LeaseNotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: StoreRequestRejected,
+    grpc.StatusCode.FAILED_PRECONDITION: StoreRequestRejected,
 }
+_TOO_LARGE_DETAIL = "larger than max"  # RESOURCE_EXHAUSTED from gRPC's message size check (see above)
 # Authenticate answers a wrong user/password with INVALID_ARGUMENT, and user/password sent to an
 # etcd without auth with FAILED_PRECONDITION: both are credential problems there.
 _AUTH_CODES_AT_LOGIN = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
@@ -171,6 +181,8 @@ class EtcdStore:
         detail = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
         where = endpoint or self.describe()
         kind = StoreAuthError if login and code in _AUTH_CODES_AT_LOGIN else _BY_CODE.get(code, StoreError)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE_DETAIL in (detail or ""):
+            kind = StoreRequestRejected
         if self._closed:
             return StoreError(f"{what}: the etcd store {self.describe()} is closed")
         if kind is StoreUnavailable:
@@ -184,6 +196,10 @@ class EtcdStore:
                                   "user name, password and the user's role permissions", self._user)
         if kind is LeaseNotFound:
             return LeaseNotFound(lease_id)
+        if kind is StoreRequestRejected:
+            return StoreRequestRejected(f"{what}: etcd at {where} refused the request ({code.name}: {detail}); "
+                                        "the same request can never succeed: keep values and txns under etcd's "
+                                        "--max-request-bytes (1.5 MiB by default)", f"{code.name}: {detail}")
         return StoreError(f"{what}: etcd at {where} failed ({code.name}: {detail})")
 
     def _connect(self, what: str) -> _Conn:

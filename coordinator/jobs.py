@@ -11,6 +11,15 @@ Key layout under the prefix `p` (default "chunkmesh/"), one folder per job:
     {p}jobs/{id}/summary   written by finish()
     {p}jobs/{id}/cancel    present = cancel requested
 
+and an index by state, each entry written in the txn that changes the state, so that a daemon's
+rescan and a submit's pending count read only the jobs that can still run, never every job ever
+run (3,000 jobs were 36.6 MiB per rescan), and retention finds the oldest finished jobs first:
+
+    {p}pending/{id}                      {"at"}: the job is pending (oldest = lowest create_revision)
+    {p}running/{id}                      {"at"}: the job is running (its owner may be gone)
+    {p}finished/{ms:015d}/{id}           {"at"}: finished at `ms` (the state's updated_at, in ms)
+    {p}index/jobs                        present once jobs written before the index were indexed
+
 Why fencing: a lease is not mutual exclusion. An owner that stalls (GC pause, partition) past its
 lease TTL loses the owner key, another node claims the job with a new epoch, and the old owner
 may wake up and write. Every owner write is therefore a txn that compares the owner key's
@@ -27,20 +36,23 @@ from typing import Callable
 
 from mesh.coordinator.errors import InvalidSpec, JobNotFound, MeshBusy, NotOwner, StoreError
 from mesh.coordinator.store import (
-    Delete, Get, KeyValue, Put, Store, Watch, absent, created_at, mod_is,
+    Delete, DeletePrefix, Get, KeyValue, Op, Put, Range, Store, Watch, absent, created_at, mod_is,
 )
 
 __all__ = [
     "JobSpec", "JobStore", "JOB_STATES", "TERMINAL_STATES", "CODECS",
     "MIN_CHUNK_SIZE", "MAX_CHUNK_SIZE", "DEFAULT_CHUNK_SIZE",
     "MAX_INPUTS", "MAX_PATH_LENGTH", "MAX_PARAMS_BYTES", "MAX_TASK_LENGTH", "MAX_SPEC_BYTES",
+    "DEFAULT_JOB_RETENTION_S", "PRUNE_BATCH",
 ]
 
 JOB_STATES = ("pending", "running", "done", "failed", "cancelled")
 TERMINAL_STATES = frozenset({"done", "failed", "cancelled"})
 CODECS = ("auto", "none", "lz4", "zstd")
 MIN_CHUNK_SIZE = 64 * 1024
-MAX_CHUNK_SIZE = 256 * 1024 * 1024
+# A chunk is at most what a worker accepts as one record (mesh.source.MAX_RECORD_BYTES, 64 MiB):
+# a bigger chunk fails every job with a big file (a layer below the data plane cannot import it).
+MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 # Bounds on what one spec may ask for (a spec is one store value and travels to every daemon):
 MAX_INPUTS = 10_000              # entries in `inputs`; a glob or a directory counts once, however many files
@@ -54,6 +66,8 @@ _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _RACE_RETRIES = 10  # read-then-CAS loops give up after this many lost races in a row
 _TXN_BATCH = 64     # operations per read txn (etcd refuses more than 128 by default)
 _CANCELLED_AT_CLAIM = "cancelled while its owner was failing over or handing it back"
+DEFAULT_JOB_RETENTION_S = 7 * 86400  # finished jobs kept this long (cluster config job_retention_s)
+PRUNE_BATCH = 64                     # finished jobs one prune_finished call looks at (and deletes)
 
 
 def _is_int(value: object) -> bool:
@@ -145,7 +159,8 @@ class JobSpec:
         elif cs < MIN_CHUNK_SIZE:
             out.append(("chunk_size", f"chunk_size must be >= {MIN_CHUNK_SIZE} bytes (64 KiB) (got {cs})"))
         elif cs > MAX_CHUNK_SIZE:
-            out.append(("chunk_size", f"chunk_size must be <= {MAX_CHUNK_SIZE} bytes (256 MiB) (got {cs})"))
+            out.append(("chunk_size", f"chunk_size must be <= {MAX_CHUNK_SIZE} bytes (64 MiB, the most a worker "
+                                      f"reads as one record) (got {cs})"))
         if self.codec not in CODECS:
             out.append(("codec", f"codec must be one of {', '.join(CODECS)} (got {self.codec!r})"))
         mfr = self.max_failed_records
@@ -227,6 +242,10 @@ class JobStore:
         self.store = store
         self.prefix = prefix
         self.jobs_prefix = prefix + "jobs/"
+        self.pending_prefix = prefix + "pending/"
+        self.running_prefix = prefix + "running/"
+        self.finished_prefix = prefix + "finished/"
+        self.index_marker_key = prefix + "index/jobs"
         self._wall_clock = wall_clock
 
     # -- keys ------------------------------------------------------------------------------
@@ -248,10 +267,29 @@ class JobStore:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self._wall_clock()))
         return f"j-{stamp}-{secrets.token_hex(3)}"
 
-    def _state_doc(self, state: str, reason: str) -> bytes:
+    def _finished_key(self, job_id: str, at: object) -> str:
+        ms = int(at * 1000) if isinstance(at, (int, float)) and 0 <= at < 1e12 else 0
+        return f"{self.finished_prefix}{ms:015d}/{job_id}"
+
+    def _index_ops(self, job_id: str, state: str, at: float, *, finished_at: object = None) -> list[Op]:
+        """The index entries of a job whose state becomes `state` at `at` (the state doc's
+        updated_at); `finished_at`: the updated_at of the terminal state it leaves (a replay)."""
+        entry = _dumps({"at": at})
+        pending, running = self.pending_prefix + job_id, self.running_prefix + job_id
+        if state == "pending":
+            ops: list[Op] = [Put(pending, entry), Delete(running)]
+            return ops + ([Delete(self._finished_key(job_id, finished_at))] if finished_at is not None else [])
+        if state == "running":
+            return [Delete(pending), Put(running, entry)]
+        return [Delete(pending), Delete(running), Put(self._finished_key(job_id, at), entry)]
+
+    def _state_ops(self, job_id: str, state: str, reason: str, *, finished_at: object = None) -> list[Op]:
+        """Put the job's state and keep the index in step, for one txn."""
         if state not in JOB_STATES:
             raise ValueError(f"state must be one of {', '.join(JOB_STATES)} (got {state!r})")
-        return _dumps({"state": state, "reason": reason, "updated_at": self._wall_clock()})
+        at = self._wall_clock()
+        doc = _dumps({"state": state, "reason": reason, "updated_at": at})
+        return [Put(self.key(job_id, "state"), doc), *self._index_ops(job_id, state, at, finished_at=finished_at)]
 
     def _read(self, job_id: str, *parts: str) -> list[KeyValue | None]:
         """One consistent read of the spec (JobNotFound if absent) and the given parts."""
@@ -274,8 +312,7 @@ class JobStore:
             job_id = self.new_job_id()
             spec_key = self.key(job_id, "spec")
             result = self.store.txn([absent(spec_key)], [
-                Put(spec_key, spec.to_json().encode()),
-                Put(self.key(job_id, "state"), self._state_doc("pending", "submitted"))])
+                Put(spec_key, spec.to_json().encode()), *self._state_ops(job_id, "pending", "submitted")])
             if result.succeeded:
                 return job_id
         raise StoreError(f"could not find an unused job id in {_RACE_RETRIES} tries under {self.jobs_prefix}")
@@ -303,7 +340,8 @@ class JobStore:
 
     def list_jobs(self) -> list[dict]:
         """One dict per job, in submission order: id, state, reason, updated_at, task,
-        owner (node id or None), cancel_requested."""
+        owner (node id or None), cancel_requested. Reads every job: for people (meshctl jobs),
+        never for a loop (see pending_jobs, claimable_jobs)."""
         out = []
         for job_id, parts in self._scan():
             state = _loads(parts["state"])
@@ -314,10 +352,6 @@ class JobStore:
                 "cancel_requested": "cancel" in parts,
             })
         return out
-
-    def pending_jobs(self) -> list[str]:
-        """Ids of pending jobs, oldest first."""
-        return [jid for jid, parts in self._scan() if _loads(parts["state"]).get("state") == "pending"]
 
     # -- ownership -------------------------------------------------------------------------
     def claim(self, job_id: str, node_id: str, lease_id: int) -> int | None:
@@ -338,6 +372,7 @@ class JobStore:
             if owner_kv is not None or state_kv is None:
                 return None
             if _loads(state_kv).get("state") not in ("pending", "running"):
+                self._drop_stale_index(job_id, state_kv)
                 return None
             if cancel_kv is not None:
                 if self._cancel_unowned(job_id, state_kv, _CANCELLED_AT_CLAIM):
@@ -346,7 +381,7 @@ class JobStore:
             compares = [absent(owner_key), mod_is(state_key, state_kv.mod_revision), absent(cancel_key)]
             result = self.store.txn(compares, [
                 Put(owner_key, _dumps({"node": node_id}), lease=lease_id),
-                Put(state_key, self._state_doc("running", f"claimed by {node_id}"))])
+                *self._state_ops(job_id, "running", f"claimed by {node_id}")])
             if result.succeeded:
                 return result.revision
         return None
@@ -356,7 +391,7 @@ class JobStore:
         state is still `state_kv`; put the cancel `mark` in the same txn when given. Return
         whether it was done (False: a claim or another writer came first; re-read and decide)."""
         owner_key, state_key = self.key(job_id, "owner"), self.key(job_id, "state")
-        ops = [Put(state_key, self._state_doc("cancelled", reason))] + ([mark] if mark is not None else [])
+        ops = self._state_ops(job_id, "cancelled", reason) + ([mark] if mark is not None else [])
         return self.store.txn([absent(owner_key), mod_is(state_key, state_kv.mod_revision)], ops).succeeded
 
     def _fenced(self, job_id: str, epoch: int, ops: list) -> int:
@@ -380,7 +415,7 @@ class JobStore:
     def set_state(self, job_id: str, epoch: int, state: str, reason: str = "") -> int:
         """Fenced state change. The owner key exists only while running: setting "pending"
         hands the job back (another node may claim it), a terminal state finishes it."""
-        ops: list = [Put(self.key(job_id, "state"), self._state_doc(state, reason))]
+        ops: list = self._state_ops(job_id, state, reason)
         if state != "running":
             ops.append(Delete(self.key(job_id, "owner")))
         return self._fenced(job_id, epoch, ops)
@@ -389,8 +424,7 @@ class JobStore:
         """Fenced end of a job: terminal state, summary and release of the owner key in one txn."""
         if state not in TERMINAL_STATES:
             raise ValueError(f"finish state must be one of {', '.join(sorted(TERMINAL_STATES))} (got {state!r})")
-        ops: list = [Put(self.key(job_id, "state"), self._state_doc(state, reason)),
-                     Delete(self.key(job_id, "owner"))]
+        ops: list = [*self._state_ops(job_id, state, reason), Delete(self.key(job_id, "owner"))]
         if summary is not None:
             ops.append(Put(self.key(job_id, "summary"), _dumps(summary)))
         return self._fenced(job_id, epoch, ops)
@@ -440,7 +474,8 @@ class JobStore:
         when the job is not finished."""
         state_key, owner_key = self.key(job_id, "state"), self.key(job_id, "owner")
         _, state_kv, owner_kv = self._read(job_id, "state", "owner")
-        state = _loads(state_kv).get("state") if state_kv else None
+        state_doc = _loads(state_kv) if state_kv else {}
+        state = state_doc.get("state")
         if state not in TERMINAL_STATES or owner_kv is not None:
             raise StoreError(f"job {job_id} is {state}: only a finished job (done, failed, cancelled) can be "
                              "replayed; cancel it first or wait for it")
@@ -449,7 +484,8 @@ class JobStore:
             [Put(self.key(job_id, "offsets"), _dumps(offsets)),
              Put(self.key(job_id, "progress"), _dumps({"replay": info})),
              Delete(self.key(job_id, "cancel")),
-             Put(state_key, self._state_doc("pending", f"replay requested: {info.get('from', 'all')}"))],
+             *self._state_ops(job_id, "pending", f"replay requested: {info.get('from', 'all')}",
+                              finished_at=state_doc.get("updated_at"))],
         ).succeeded
         if not ok:
             raise StoreError(f"job {job_id} changed while the replay was being requested; retry")
@@ -474,9 +510,101 @@ class JobStore:
         return self.store.watch(self.jobs_prefix, start_revision=start_revision)
 
     def delete_job(self, job_id: str) -> int:
-        """Delete every record of the job (a live owner's next fenced write raises NotOwner);
-        return the number of keys deleted. JobNotFound when there was nothing."""
-        count = self.store.delete_prefix(self.key(job_id, ""))
+        """Delete every record of the job and its index entries (a live owner's next fenced write
+        raises NotOwner); return the number of records deleted. JobNotFound when there was nothing."""
+        state_kv = self.store.get(self.key(job_id, "state"))
+        at = _loads(state_kv).get("updated_at") if state_kv is not None else None
+        count = self.store.txn([], [DeletePrefix(self.key(job_id, "")), *self._unindex_ops(job_id, at)]).responses[0]
         if count == 0:
             raise JobNotFound(job_id)
+        return count
+
+    # -- the index and retention ------------------------------------------------------------
+    def _unindex_ops(self, job_id: str, finished_at: object) -> list[Op]:
+        return [Delete(self.pending_prefix + job_id), Delete(self.running_prefix + job_id)] + (
+            [Delete(self._finished_key(job_id, finished_at))] if finished_at is not None else [])
+
+    def _drop_stale_index(self, job_id: str, state_kv: KeyValue) -> None:
+        """A finished job still indexed as pending or running (written by an older version):
+        remove those entries, only while the state is still `state_kv`."""
+        self.store.txn([mod_is(self.key(job_id, "state"), state_kv.mod_revision)], self._unindex_ops(job_id, None))
+
+    def _indexed(self, kvs: list[KeyValue], prefix: str) -> list[str]:
+        """Job ids of index entries under `prefix`, oldest entry first."""
+        return [kv.key[len(prefix):] for kv in sorted(kvs, key=lambda kv: kv.create_revision)]
+
+    def pending_jobs(self) -> list[str]:
+        """Ids of pending jobs, in the order they became pending (a job handed back queues
+        again). Reads the pending index only."""
+        return self._indexed(self.store.range(self.pending_prefix)[0], self.pending_prefix)
+
+    def claimable_jobs(self) -> list[str]:
+        """What a daemon may claim now: running jobs whose owner is gone (their lease ended;
+        first, they were claimed before), then pending jobs, oldest first. Reads the pending
+        and running index (one snapshot) and the owner keys of the running jobs, nothing of
+        finished jobs. An id may be stale by the time it is claimed: `claim` decides."""
+        pending, running = self.store.txn([], [Range(self.pending_prefix), Range(self.running_prefix)]).responses
+        running_ids = self._indexed(running, self.running_prefix)
+        orphans = []
+        for start in range(0, len(running_ids), _TXN_BATCH):
+            batch = running_ids[start:start + _TXN_BATCH]
+            owners = self.store.txn([], [Get(self.key(j, "owner")) for j in batch]).responses
+            orphans += [j for j, kv in zip(batch, owners) if kv is None]
+        return orphans + [j for j in self._indexed(pending, self.pending_prefix) if j not in orphans]
+
+    def claim_epoch(self, job_id: str, node_id: str, lease_id: int) -> int | None:
+        """The epoch of a claim by `node_id` on `lease_id` if the job's owner key is that claim,
+        else None: after `claim` raised StoreUnavailable (its txn may have been applied), this
+        says whether the job is ours. JobNotFound when the job is gone."""
+        owner_kv = self._read(job_id, "owner")[1]
+        if owner_kv is None or owner_kv.lease != lease_id or _loads(owner_kv).get("node") != node_id:
+            return None
+        return owner_kv.create_revision
+
+    def prune_finished(self, older_than_s: float, *, limit: int = PRUNE_BATCH) -> list[str]:
+        """Delete jobs that finished (done, failed, cancelled) more than `older_than_s` seconds
+        ago, oldest first, looking at no more than `limit` of them; return the ids deleted. Each
+        deletion is one txn that holds only while the job is still that finished, unowned job (a
+        replay in between keeps it). Call again while it returns `limit` ids to prune them all."""
+        cutoff_ms = int((self._wall_clock() - older_than_s) * 1000)
+        entries = [kv for kv in self.store.range(self.finished_prefix, limit=limit)[0]
+                   if int(kv.key[len(self.finished_prefix):].partition("/")[0] or 0) <= cutoff_ms]
+        pruned = []
+        for start in range(0, len(entries), _TXN_BATCH):
+            batch = entries[start:start + _TXN_BATCH]
+            ids = [kv.key.rpartition("/")[2] for kv in batch]
+            states = self.store.txn([], [Get(self.key(j, "state")) for j in ids]).responses
+            for entry, job_id, state_kv in zip(batch, ids, states):
+                if self._prune_one(entry, job_id, state_kv):
+                    pruned.append(job_id)
+        return pruned
+
+    def _prune_one(self, entry: KeyValue, job_id: str, state_kv: KeyValue | None) -> bool:
+        """Delete one finished job named by its index `entry`; a stale entry (the job is gone,
+        replayed, or finished again later) is only removed itself."""
+        doc = _loads(state_kv) if state_kv is not None else {}
+        if doc.get("state") not in TERMINAL_STATES or self._finished_key(job_id, doc.get("updated_at")) != entry.key:
+            compares = [mod_is(self.key(job_id, "state"), state_kv.mod_revision)] if state_kv is not None else []
+            self.store.txn(compares, [Delete(entry.key)])
+            return False
+        compares = [mod_is(self.key(job_id, "state"), state_kv.mod_revision), absent(self.key(job_id, "owner"))]
+        ops = [DeletePrefix(self.key(job_id, "")), *self._unindex_ops(job_id, doc.get("updated_at"))]
+        return self.store.txn(compares, ops).succeeded
+
+    def index_existing_jobs(self) -> int:
+        """Index jobs written before the index existed (by an older version), once per store:
+        a no-op returning 0 once `{p}index/jobs` is there. Reads every job once; each job's
+        entries are written in a txn that holds only while its state is as read. Returns how
+        many jobs were indexed."""
+        if self.store.get(self.index_marker_key) is not None:
+            return 0
+        count = 0
+        for job_id, parts in self._scan():
+            doc = _loads(parts["state"])
+            state, at = doc.get("state"), doc.get("updated_at")
+            if state not in JOB_STATES:
+                continue
+            ops = self._index_ops(job_id, state, at if isinstance(at, (int, float)) else 0.0)
+            count += self.store.txn([mod_is(self.key(job_id, "state"), parts["state"].mod_revision)], ops).succeeded
+        self.store.put(self.index_marker_key, _dumps({"indexed_at": self._wall_clock(), "jobs": count}))
         return count

@@ -204,7 +204,36 @@ def cmd_status(args) -> int:
 
 
 def cmd_jobs(args) -> int:
+    if args.prune:
+        return _prune_jobs(args)
+    if args.older_than is not None:
+        return _fail(EXIT_USAGE, "--older-than only applies with --prune")
     return _show(args, lambda client: client.list_jobs(), "print_jobs")
+
+
+def _prune_jobs(args) -> int:
+    """Delete the records of finished jobs (their output directories stay), in batches."""
+    from mesh.client import Client
+    older_than_s = args.older_than or 0.0
+    pruned: list[str] = []
+    with Client(args.coordinator) as client:
+        while batch := client.jobs.prune_finished(older_than_s):
+            pruned += batch
+    if args.json:
+        _print_json({"pruned": pruned, "older_than_s": older_than_s})
+    else:
+        print(f"pruned {len(pruned)} finished jobs older than {older_than_s:g} s")
+    return EXIT_OK
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (got {text!r})")
+    return value
 
 
 def cmd_cancel(args) -> int:
@@ -322,7 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text)
         p.add_argument("node")
         p.set_defaults(func=cmd_drain, undo=undo)
-    sub.add_parser("jobs", parents=[common], help="list jobs").set_defaults(func=cmd_jobs)
+    p = sub.add_parser("jobs", parents=[common], help="list jobs (or prune finished ones)")
+    p.add_argument("--prune", action="store_true",
+                   help="delete the records of finished jobs (done, failed, cancelled; outputs stay); daemons do "
+                        "it themselves after the cluster's job retention")
+    p.add_argument("--older-than", type=_seconds, default=None, metavar="SECONDS",
+                   help="with --prune: only jobs that finished at least this long ago (default 0: every finished job)")
+    p.set_defaults(func=cmd_jobs)
     sub.add_parser("nodes", parents=[common], help="list daemons").set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("cat", parents=[common], help="print a job's output records in input order")

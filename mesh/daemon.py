@@ -2,11 +2,20 @@
 
 Threads: the dispatcher (the ROUTER socket), the worker pool's supervisor, one owner (+ its source)
 per claimed job, and the control loop here (lease keepalive, node record, job watch, claims,
-cancels). Signal handling lives in `daemon_main`; this class only exposes `start`/`stop`.
+cancels, retention). The control thread is the one writer of the daemon's tables (nodes, owners,
+claims, draining, local overrides): other threads ask it (`drain`, `undrain`, `reload`) and may
+wait on the event they get back. Signal handling lives in `daemon_main`.
+
+The control loop never ends before `stop`: a store failure is retried with backoff (registering
+again after a lost lease included), any other failure is logged and the next cycle follows. It
+feeds systemd's watchdog while it cycles, store failures included (the data plane goes on through
+an etcd outage, and a restart would not bring etcd back), and withholds it when the daemon cannot
+do its work for `stall_timeout_s`: every cycle failing unexpectedly, or no worker running.
 """
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import threading
 import time
@@ -19,7 +28,9 @@ import zmq
 
 from mesh import __version__
 from mesh.coordinator.connect import default_state_dir
-from mesh.coordinator.errors import Compacted, InvalidSpec, JobNotFound, LeaseNotFound, StoreError
+from mesh.coordinator.errors import (
+    Compacted, InvalidSpec, JobNotFound, LeaseNotFound, NotOwner, StoreError, StoreRequestRejected, StoreUnavailable,
+)
 from mesh.coordinator.jobs import JobStore
 from mesh.coordinator.store import Store
 from mesh.dispatcher import Dispatcher
@@ -31,6 +42,9 @@ from mesh.pool import WorkerPool, available_cores
 from mesh.ratelimit import LogRateLimiter
 from mesh.security import Authenticator, CurveSettings, is_loopback, load_allowlist
 from mesh.worker import WorkerConfig
+
+RETENTION_INTERVAL_S = 60.0  # how often a daemon looks for finished jobs past the retention
+RETENTION_BATCH = 16         # finished jobs deleted per control cycle while some are due
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,7 @@ class DaemonConfig:
     state_dir: str | None = None        # config cache (default: $MESH_STATE_DIR/nodes/<node id>)
     curve: CurveSettings | None = None  # keys: encrypted, authenticated data plane (mesh.security)
     insecure_bind: bool = False         # allow a non-loopback bind without keys (a trusted network)
+    stall_timeout_s: float = 60.0       # withhold systemd's watchdog after this long without progress
 
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -84,13 +99,21 @@ class Daemon:
             workers=_pick(cfg.workers, config.workers_per_node), chunk_time_limit_s=config.chunk_time_limit_s,
             on_lost=self.dispatcher.worker_lost, on_retired=self.dispatcher.worker_retired)
         self.owners: dict[str, Owner] = {}
+        self._claims: dict[str, int | None] = {}  # claimed, owner not started: job -> epoch (None: unknown)
         self.lease = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # cuts a backoff short: stop, or a request for the control thread
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # (action, args, done) for the control thread
         self._rescan = threading.Event()
         self._record_dirty = threading.Event()  # our node record must be rewritten soon
         self.nodes: dict[str, dict] = {}  # node id -> its record, as last seen
         self.draining = False  # no new jobs or chunks here; owned jobs handed back
+        self._watch = None
+        self._indexed = False  # jobs written before the job index were indexed (once per store)
+        self._next_keepalive = self._next_prune = 0.0
         self._next_watchdog = self._next_status = 0.0
+        self._failing_since: float | None = None  # first of the cycles failing unexpectedly in a row
+        self._withheld = ""  # why the watchdog is withheld now ("": it is fed)
         self._status_mark = (time.monotonic(), 0)
         self.drain_key = f"{cfg.prefix}drain/{self.node_id}"
         self._owners_lock = threading.Lock()
@@ -126,8 +149,49 @@ class Daemon:
                       allowed_keys=len(authenticator.allowed), allow_dir=cfg.curve.allow_dir)
         return keys, authenticator
 
-    def reload_keys(self) -> None:
+    # -- requests: what other threads ask the control thread to do --
+    def _ask(self, action, *args) -> threading.Event:
+        """Have the control thread run `action(*args)`; the event is set once it ran. Before the
+        control thread starts, or after it ended, no other thread writes: run it here."""
+        done = threading.Event()
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
+            self._run_request(action, args, done)
+        else:
+            self._requests.put((action, args, done))
+            self._wake.set()
+        return done
+
+    def _run_request(self, action, args, done: threading.Event) -> None:
+        try:
+            action(*args)
+        except Exception:  # a request that fails is logged; it never ends the control loop
+            self.log.exception("request_failed", request=getattr(action, "__name__", str(action)))
+        finally:
+            done.set()
+
+    def _serve_requests(self) -> None:
+        while True:
+            try:
+                action, args, done = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            self._run_request(action, args, done)
+
+    def reload(self, overrides: dict | None = None) -> threading.Event:
+        """SIGHUP: re-read the CURVE allowlist and, given `overrides`, apply new local overrides;
+        done by the control thread (the event is set once applied)."""
+        return self._ask(self._reload, overrides)
+
+    def _reload(self, overrides: dict | None) -> None:
+        self._reload_keys()
+        if overrides is not None:
+            self._apply_local(overrides)
+
+    def reload_keys(self) -> threading.Event:
         """Re-read the CURVE allowlist (SIGHUP): admit a new node, shut out a retired one."""
+        return self._ask(self._reload_keys)
+
+    def _reload_keys(self) -> None:
         if self.authenticator is None:
             return
         before = set(self.authenticator.allowed.values())
@@ -162,8 +226,13 @@ class Daemon:
                                                                       self.node_config.config.lease_ttl_s)
 
     def _register(self) -> None:
+        """A new lease and our node record on it. Should the record's write fail, the lease is
+        kept and the record written by the next cycle (it stays dirty)."""
         self.lease = self.store.grant_lease(_pick(self.cfg.lease_ttl_s, self.node_config.config.lease_ttl_s))
-        self._write_node_record()
+        self._next_keepalive = time.monotonic() + self.lease.ttl_s / 3
+        self._rescan.set()  # jobs we owned before a lost lease are claimable again
+        self._record_dirty.set()
+        self._write_dirty_record()
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until every worker has connected and announced its credits."""
@@ -182,9 +251,10 @@ class Daemon:
         vanish at once: others take over without waiting for a TTL), workers and sockets closed."""
         if drain_timeout_s > 0:
             deadline = time.monotonic() + drain_timeout_s
-            self.drain(deadline)
+            self.drain(deadline).wait(drain_timeout_s)
             self._wait_drained(deadline)
         self._stop.set()
+        self._wake.set()
         with self._owners_lock:
             owners = list(self.owners.values())
         for owner in owners:
@@ -205,8 +275,11 @@ class Daemon:
         self.ctx.term()
         self.log.info("daemon_stopped")
 
-    def apply_local(self, overrides: dict) -> None:
-        """New local overrides (SIGHUP): log what changed and apply it."""
+    def apply_local(self, overrides: dict) -> threading.Event:
+        """New local overrides (SIGHUP): log what changed and apply it (on the control thread)."""
+        return self._ask(self._apply_local, overrides)
+
+    def _apply_local(self, overrides: dict) -> None:
         changed = {k: v for k, v in overrides.items() if getattr(self.cfg, k) != v}
         self.log.info("local_config_reloaded", changed=changed)
         self.cfg = replace(self.cfg, **overrides)
@@ -217,9 +290,13 @@ class Daemon:
             configure_logging(_pick(self.cfg.log_level, config.log_level))
         self._record_dirty.set()
 
-    def drain(self, deadline: float | None = None) -> None:
+    def drain(self, deadline: float | None = None) -> threading.Event:
         """Take no new jobs or chunks; hand owned jobs back once their chunks in flight are done
-        (or at the monotonic `deadline`)."""
+        (or at the monotonic `deadline`). Done by the control thread: the event is set once the
+        drain has begun."""
+        return self._ask(self._drain, deadline)
+
+    def _drain(self, deadline: float | None = None) -> None:
         deadline = deadline if deadline is not None else time.monotonic() + 3600
         self.draining = True
         self._record_dirty.set()
@@ -230,7 +307,11 @@ class Daemon:
             owner.drain(deadline)
         self.log.info("draining", owned_jobs=len(owners))
 
-    def undrain(self) -> None:
+    def undrain(self) -> threading.Event:
+        """Take jobs and chunks again (on the control thread; the event is set once done)."""
+        return self._ask(self._undrain)
+
+    def _undrain(self) -> None:
         self.draining = False
         self._record_dirty.set()
         self._update_peers()
@@ -257,43 +338,82 @@ class Daemon:
     # -- the control loop --
     def _control_loop(self) -> None:
         """One watch over the whole namespace: jobs (claims, cancels), nodes (peers, deaths),
-        config (applied live)."""
-        next_keepalive = 0.0
+        config (applied live). Ends only with `stop`."""
         backoff_s = 0.1
-        watch = None
         while not self._stop.is_set():
             try:
-                if self.lease is None:
-                    self._register()
-                if watch is None:
-                    watch = self._open_watch()
-                if self._rescan.is_set():
-                    self._rescan.clear()
-                    self._scan_claimable()
-                for event in watch.get(timeout_s=0.05):  # also how soon stop() is noticed
-                    self._on_event(event)
-                now = time.monotonic()
-                if now >= next_keepalive:
-                    self.store.keepalive(self.lease.id)
-                    next_keepalive = now + self.lease.ttl_s / 3
-                    self._record_dirty.set()
-                if self._record_dirty.is_set():
-                    self._record_dirty.clear()
-                    self._write_node_record()
-                self._tell_systemd(now)
-                backoff_s = 0.1
-            except Compacted:
-                watch = None
-            except LeaseNotFound:
-                self._lease_lost()
-            except StoreError as exc:  # the data plane goes on; retry with backoff (the watch
-                self.log.warning("store_error", error=str(exc), retry_in_s=backoff_s)  # resumes itself)
-                self._stop.wait(backoff_s)
-                # capped well below the lease: a daemon must notice etcd's return before its lease ends
-                backoff_s = min(backoff_s * 2, max(0.1, self._lease_ttl_s() / 4))
-            except Exception:  # one bad iteration never kills the loop
-                self.log.exception("control_iteration_failed")
-                self._stop.wait(0.5)
+                backoff_s = self._cycle_or_recover(backoff_s)
+            except Exception:  # a failure while recovering from one: still never the end of the loop
+                self.log.exception("control_recovery_failed")
+                self._wake.wait(0.5)
+                self._wake.clear()
+            self._tell_systemd(time.monotonic())
+        self._serve_requests()  # asked just before the end: nobody writes after this thread now
+        if self._watch is not None:
+            self._watch.cancel()
+
+    def _cycle_or_recover(self, backoff_s: float) -> float:
+        """One cycle; on failure, what it calls for. Returns the next store backoff."""
+        self._serve_requests()
+        try:
+            self._cycle()
+        except Compacted:
+            self._drop_watch()
+            return backoff_s
+        except LeaseNotFound:
+            self._lease_lost()
+            return backoff_s
+        except StoreRequestRejected:  # our own request is refused for good: no outage, a fault here
+            self.log.exception("control_request_rejected")
+            self._failing_since = self._failing_since or time.monotonic()
+            self._pause(0.5)
+            return backoff_s
+        except StoreError as exc:  # the data plane goes on; retry with backoff (the watch resumes itself)
+            self.log.warning("store_error", error=str(exc), retry_in_s=backoff_s)
+            self._failing_since = None  # an outage is not a stall: restarting meshd would not end it
+            self._pause(backoff_s)
+            # capped well below the lease: a daemon must notice etcd's return before its lease ends
+            return min(backoff_s * 2, max(0.1, self._lease_ttl_s() / 4))
+        except Exception:  # one bad cycle never kills the loop
+            self.log.exception("control_iteration_failed")
+            self._failing_since = self._failing_since or time.monotonic()
+            self._pause(0.5)
+            return backoff_s
+        self._failing_since = None
+        return 0.1
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before the next cycle; a request or `stop` cuts it short."""
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def _cycle(self) -> None:
+        """Keepalive first: nothing later in the cycle (events, claims, retention) may starve
+        the lease. Then the watch's events, claims, retention and our node record."""
+        now = time.monotonic()
+        if self.lease is None:
+            self._register()
+        if now >= self._next_keepalive:
+            self.store.keepalive(self.lease.id)
+            self._next_keepalive = now + self.lease.ttl_s / 3
+            self._record_dirty.set()
+        if self._watch is None:
+            self._watch = self._open_watch()
+        for event in self._watch.get(timeout_s=0.05):  # also how soon stop() is noticed
+            self._on_event(event)
+        self._settle_claims()
+        if self._rescan.is_set():
+            self._rescan.clear()
+            try:
+                self._scan_claimable()
+            except BaseException:
+                self._rescan.set()  # not lost: the next cycle scans again
+                raise
+        self._apply_retention(now)
+        self._write_dirty_record()
+
+    def _drop_watch(self) -> None:
+        watch, self._watch = self._watch, None
         if watch is not None:
             watch.cancel()
 
@@ -307,8 +427,12 @@ class Daemon:
             self._load_nodes()
             self._apply_config(self.node_config.refresh())
             if self.store.get(self.drain_key) is not None and not self.draining:
-                self.drain()
+                self._drain()
             self._cancel_marked_owners()
+            if not self._indexed:
+                if indexed := self.jobs.index_existing_jobs():
+                    self.log.info("jobs_indexed", jobs=indexed)
+                self._indexed = True
         except BaseException:
             watch.cancel()
             raise
@@ -325,17 +449,38 @@ class Daemon:
         now = time.monotonic()
         rate = (stats.results - self._status_mark[1]) / max(now - self._status_mark[0], 1e-6)
         self._status_mark = (now, stats.results)
+        stalled = f", NOT FED TO THE WATCHDOG: {self._withheld}" if self._withheld else ""
+        spawn = f" (cannot start workers: {pool.last_spawn_error})" if pool.alive == 0 and pool.last_spawn_error else ""
         return (f"{'draining' if self.draining else 'ready'}: {len(self.owners)} jobs owned, "
-                f"{pool.alive}/{pool.workers} workers, {stats.in_flight_chunks} chunks in flight, "
-                f"{rate:.1f} chunks/s, config v{self.config_version}")
+                f"{pool.alive}/{pool.workers} workers{spawn}, {stats.in_flight_chunks} chunks in flight, "
+                f"{rate:.1f} chunks/s, config v{self.config_version}{stalled}")
+
+    def _stall(self, now: float) -> str:
+        """Why this daemon cannot do its work (for `stall_timeout_s` already), or ""."""
+        limit = self.cfg.stall_timeout_s
+        if self._failing_since is not None and now - self._failing_since > limit:
+            return f"every control cycle has failed for {now - self._failing_since:.0f} s (see the log)"
+        pool = self.pool.statistics()
+        if pool.no_worker_since is not None and now - pool.no_worker_since > limit:
+            why = f": {pool.last_spawn_error}" if pool.last_spawn_error else ""
+            return f"no worker has run for {now - pool.no_worker_since:.0f} s{why}"
+        return ""
 
     def _tell_systemd(self, now: float) -> None:
-        """Called by the control loop, so a hung control loop stops the watchdog pings."""
+        """Called by the control loop, so a hung control loop stops the watchdog pings; so does a
+        daemon that cannot do its work (`_stall`): systemd then restarts it."""
         if self.notifier is None or not self.notifier.enabled:
             return
         interval = self.notifier.watchdog_interval_s()
         if interval is not None and now >= self._next_watchdog:
-            self.notifier.watchdog()
+            stall = self._stall(now)
+            if stall and not self._withheld:
+                self.log.error("watchdog_withheld", reason=stall, stall_timeout_s=self.cfg.stall_timeout_s)
+            elif self._withheld and not stall:
+                self.log.info("watchdog_fed_again")
+            self._withheld = stall
+            if not stall:
+                self.notifier.watchdog()
             self._next_watchdog = now + interval
         if now >= self._next_status:
             self.notifier.status(self.status_line())
@@ -349,11 +494,13 @@ class Daemon:
                 self._rescan.set()
         elif kind == "nodes":
             self._on_node_event(event, rest)
+        elif kind == "pending" and event.type == "put":
+            self._rescan.set()  # a job became pending (submitted, handed back, replayed)
         elif event.kv.key == self.drain_key:
             if event.type == "put" and not self.draining:
-                self.drain()
+                self._drain()
             elif event.type == "delete" and self.draining and not self._stop.is_set():
-                self.undrain()
+                self._undrain()
         elif event.kv.key.startswith(self.node_config.key_prefix):
             self._apply_config(self.node_config.on_event(event))
 
@@ -445,30 +592,76 @@ class Daemon:
         self.dispatcher.set_draining(draining | ({self.node_id} if self.draining else set()))
 
     def _scan_claimable(self) -> None:
+        """Claim what we have room for: read through the job index (pending jobs and running
+        jobs whose owner is gone), never every job ever run."""
         if self.draining:
             return
-        for job in self.jobs.list_jobs():
-            if job["state"] in ("pending", "running") and job["id"] not in self.owners:
-                if not self._try_claim(job["id"]):
+        for job_id in self.jobs.claimable_jobs():
+            if job_id not in self.owners and job_id not in self._claims:
+                if not self._try_claim(job_id):
                     return
 
-    def _try_claim(self, job_id: str) -> bool:
-        """Claim `job_id` if we have room; return False when we are full."""
-        config = self.node_config.config
+    def _full(self) -> bool:
         with self._owners_lock:
-            if self.draining or len(self.owners) >= _pick(self.cfg.max_jobs, config.max_jobs_per_node):
-                return False
-        epoch = self.jobs.claim(job_id, self.node_id, self.lease.id)
-        if epoch is None:
-            return True
+            owned = len(self.owners) + len(self._claims)
+        return self.draining or owned >= _pick(self.cfg.max_jobs, self.node_config.config.max_jobs_per_node)
+
+    def _try_claim(self, job_id: str) -> bool:
+        """Claim `job_id` if we have room and start its owner; return False when we are full. A
+        claim stays in `_claims` until its owner runs: a store failure after it (or a claim whose
+        answer was lost) is settled by the next cycles, never left owned by nobody running it."""
+        if self._full():
+            return False
         try:
+            epoch = self.jobs.claim(job_id, self.node_id, self.lease.id)
+        except StoreUnavailable:
+            self._claims[job_id] = None  # may have been applied: `_settle_claims` finds out
+            raise
+        if epoch is not None:
+            self._claims[job_id] = epoch
+            self._start_claimed(job_id, epoch)
+        return True
+
+    def _settle_claims(self) -> None:
+        """Finish what a store failure interrupted: adopt a claim whose answer was lost if the
+        owner key names us on our lease (else it was not applied: forget it), and start the
+        owner of each claim (reading its spec again)."""
+        for job_id, epoch in list(self._claims.items()):
+            if epoch is None:
+                try:
+                    epoch = self.jobs.claim_epoch(job_id, self.node_id, self.lease.id)
+                except JobNotFound:
+                    epoch = None
+                if epoch is None:
+                    self.log.info("claim_not_applied", job=job_id)
+                    del self._claims[job_id]
+                    self._rescan.set()
+                    continue
+                self.log.info("claim_adopted", job=job_id, epoch=epoch)
+                self._claims[job_id] = epoch
+            self._start_claimed(job_id, epoch)
+
+    def _start_claimed(self, job_id: str, epoch: int) -> None:
+        """Start the owner of our claim at `epoch` (a store failure leaves the claim for the next
+        cycle); hand it back when we drain meanwhile, fail it when its spec is invalid."""
+        config = self.node_config.config
+        try:
+            if self.draining:
+                self.jobs.set_state(job_id, epoch, "pending", reason=f"handed back by {self.node_id}: draining")
+                del self._claims[job_id]
+                return
             spec = self.jobs.get_spec(job_id)
-        except JobNotFound:
-            return True
+        except (JobNotFound, NotOwner):
+            self._claims.pop(job_id, None)
+            return
         except InvalidSpec as exc:  # written to the store around the client, or breaks a newer rule
             self.log.warning("job_spec_invalid", job=job_id, error=str(exc))
-            self.jobs.finish(job_id, epoch, "failed", reason=f"invalid job spec: {exc}")
-            return True
+            try:
+                self.jobs.finish(job_id, epoch, "failed", reason=f"invalid job spec: {exc}")
+            except NotOwner:
+                pass
+            del self._claims[job_id]
+            return
         owner = Owner(job_id=job_id, epoch=epoch, spec=spec, jobs=self.jobs, dispatcher=self.dispatcher,
                       node_id=self.node_id, on_exit=self._owner_exited,
                       settings=_pick(self.cfg.owner, OwnerSettings(commit_interval_s=config.commit_interval_s)),
@@ -476,25 +669,57 @@ class Daemon:
                       input_roots=config.input_roots, output_roots=config.output_roots)
         with self._owners_lock:
             self.owners[job_id] = owner
+            del self._claims[job_id]
         owner.start()
         self._record_dirty.set()  # peers learn at once that we own a job
-        return True
+
+    def _apply_retention(self, now: float) -> None:
+        """Delete finished jobs older than the cluster's job_retention_s, a batch per cycle while
+        some are due, then look again every RETENTION_INTERVAL_S. Every daemon does it; a job
+        deleted by two at once is deleted once (each deletion is a txn on the job's state)."""
+        if now < self._next_prune:
+            return
+        retention_s = self.node_config.config.job_retention_s
+        self._next_prune = now + RETENTION_INTERVAL_S
+        if retention_s is None:  # null: keep finished jobs until `meshctl jobs --prune`
+            return
+        pruned = self.jobs.prune_finished(retention_s, limit=RETENTION_BATCH)
+        if pruned:
+            self.log.info("finished_jobs_pruned", jobs=len(pruned), retention_s=retention_s)
+        if len(pruned) == RETENTION_BATCH:
+            self._next_prune = now  # more may be due: the next cycle goes on
 
     def _owner_exited(self, owner: Owner) -> None:
+        """Called on the owner's thread as it ends: the control thread forgets it."""
+        self._ask(self._forget_owner, owner)
+
+    def _forget_owner(self, owner: Owner) -> None:
         with self._owners_lock:
-            self.owners.pop(owner.job_id, None)
+            if self.owners.get(owner.job_id) is owner:  # not a newer owner of the same job
+                del self.owners[owner.job_id]
         self._rescan.set()  # a slot is free: pending jobs may be claimable now
         self._record_dirty.set()
 
     def _lease_lost(self) -> None:
         """Our lease expired (store unreachable too long): every job we owned may already have a
-        new owner. Step down everywhere, then take a new lease."""
+        new owner. Step down everywhere; the next cycle takes a new lease (retrying with backoff
+        while the store refuses). Touches no store: it cannot fail."""
         self.log.error("lease_lost")
+        self.lease = None
+        self._claims.clear()  # owner keys on the old lease are gone with it
         with self._owners_lock:
             owners = list(self.owners.values())
         for owner in owners:
             owner.step_down()
-        self._register()
+
+    def _write_dirty_record(self) -> None:
+        if self._record_dirty.is_set():
+            self._record_dirty.clear()
+            try:
+                self._write_node_record()
+            except BaseException:
+                self._record_dirty.set()  # written by the next cycle
+                raise
 
     def _write_node_record(self) -> None:
         """Our entry in the registry, on our lease: refreshed with the keepalive (every
@@ -509,6 +734,8 @@ class Daemon:
             "transport": "curve" if self.keys else "plaintext",
             "curve_public_key": self.keys.public.decode() if self.keys else None,
             "workers_alive": pool.alive, "worker_restarts": pool.restarts, "version": __version__,
+            "worker_spawn_failures": pool.spawn_failures, "worker_spawn_error": pool.last_spawn_error,
+            "watchdog_withheld": self._withheld,
             "state": "draining" if self.draining else "ready", "config_version": self.config_version, "jobs": jobs,
             "load": {"cpu_percent": psutil.cpu_percent(interval=None), "memory_mb": self._tree_rss_mb(),
                      "in_flight_chunks": stats.in_flight_chunks, "chunks_done": stats.results},

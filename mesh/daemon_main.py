@@ -2,7 +2,9 @@
 
 Signal handlers only set flags; the main thread acts on them: the first SIGTERM/SIGINT drains
 (no new chunks, owned jobs handed back after a commit, workers finish what they hold; bounded
-by --drain-timeout) and exits 0; a second exits at once. SIGHUP re-reads the local config file.
+by --drain-timeout) and exits 0; a second exits at once. SIGHUP re-reads the local config file
+and the CURVE allowlist. The daemon's control thread applies drains and reloads (it is the one
+writer of the daemon's tables); the main thread asks and waits, bounded.
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ EXIT_OK = 0           # stopped cleanly (drained)
 EXIT_FORCED = 1       # a second SIGTERM/SIGINT: stopped at once (output stays consistent)
 EXIT_CONFIG = 2       # bad arguments or config file
 EXIT_UNAVAILABLE = 3  # the coordinator could not be opened
+RELOAD_WAIT_S = 30.0  # how long SIGHUP waits for the control thread to apply a reload before READY=1
 
 
 def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: str | None = None,
                log_level: str | None = None, lease_ttl_s: float | None = None, state_dir: str | None = None,
                drain_timeout_s: float = 30.0, config_file: str | None = None, bind: str | None = None,
                advertise: str | None = None, curve_key: str | None = None, curve_allow: str | None = None,
-               insecure_bind: bool = False) -> int:
+               insecure_bind: bool = False, stall_timeout_s: float = 60.0) -> int:
     from mesh.sdnotify import Notifier
     notifier = Notifier.from_env(unset_environment=True)  # before any child inherits NOTIFY_SOCKET
 
@@ -73,7 +76,7 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
         daemon = Daemon(store, DaemonConfig(**{"workers": workers, "node_id": node_id or "", "log_level": log_level,
                                                "lease_ttl_s": lease_ttl_s, "state_dir": state_dir, "bind": bind_url,
                                                "advertise": advertise, "curve": curve, "insecure_bind": insecure_bind,
-                                               **overrides}), notifier=notifier)
+                                               "stall_timeout_s": stall_timeout_s, **overrides}), notifier=notifier)
     except MeshError as exc:  # keys unreadable, allowlist broken, plaintext on a network address
         print(f"meshd: {exc}", file=sys.stderr)
         store.close()
@@ -91,12 +94,14 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
             flags["reload"] = False
             stop.clear()
             notifier.reloading()
-            daemon.reload_keys()
+            overrides = None
             if config_file:
                 try:
-                    daemon.apply_local(read_local_config(config_file))
+                    overrides = read_local_config(config_file)
                 except LocalConfigError as exc:  # keep running on the values we have
                     log.error("local_config_invalid_kept_previous", error=str(exc))
+            if not daemon.reload(overrides).wait(RELOAD_WAIT_S):  # the control thread applies it
+                log.warning("reload_not_applied_yet", waited_s=RELOAD_WAIT_S)
             notifier.ready(status=daemon.status_line())
             continue
         if stop.is_set():
@@ -140,6 +145,16 @@ def read_local_config(path: str) -> dict:
     return overrides
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 (got {text!r})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshd", description="chunkmesh daemon: workers pinned to cores, "
                                                           "jobs claimed from the coordinator")
@@ -167,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow --bind to a network address without CURVE keys (plaintext: trusted networks only)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, drain for at most this long before exiting (default 30)")
+    p.add_argument("--stall-timeout", type=_positive_seconds, default=60.0, metavar="SECONDS",
+                   help="under systemd, stop feeding the watchdog (so systemd restarts meshd) once no worker could "
+                        "run, or every control cycle failed, for this long (default 60)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="local overrides (KEY=VALUE: workers, log_level), re-read on SIGHUP")
     p.add_argument("--state-dir", default=None,
@@ -179,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     return run_daemon(args.coordinator, workers=args.workers, node_id=args.node_id, log_level=args.log_level,
                       lease_ttl_s=args.lease_ttl, state_dir=args.state_dir, drain_timeout_s=args.drain_timeout,
                       config_file=args.config, bind=args.bind, advertise=args.advertise,
-                      curve_key=args.curve_key, curve_allow=args.curve_allow, insecure_bind=args.insecure_bind)
+                      curve_key=args.curve_key, curve_allow=args.curve_allow, insecure_bind=args.insecure_bind,
+                      stall_timeout_s=args.stall_timeout)
 
 
 if __name__ == "__main__":

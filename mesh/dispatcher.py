@@ -10,7 +10,27 @@ goes to the owner's dead letters instead of looping forever.
 
 Chunks come in from the jobs' source threads over an inproc PULL socket, read only while some
 worker has a credit: the sources block on their PUSH (tiny HWM), so backpressure reaches the
-input files and in-flight data is bounded by (workers x window + HWMs) chunks.
+input files and in-flight data is bounded by (workers x window + HWMs) chunks. Each source (one
+per job) has its own pipe into that socket, read round robin, so a new job's chunks go out between
+a running job's at once; libzmq attaches a new pipe only when the socket is polled or read empty,
+hence the intake is polled every iteration, credits or not.
+
+Bounds. A credit comes back when its result arrives or, for a job whose owner acknowledges
+durability (`JobRoute.acks_durable`), when the owner says the result is durable
+(`result_durable`): chunks at workers plus results not yet durable never exceed the workers'
+windows. A link remembers the jobs it was sent a job message for only while they are routed here.
+
+No peer can block the dispatcher: every send is non-blocking. A connection's pipe holds
+ROUTER_SNDHWM messages, and a worker with window w that reads what it asked for never has more than
+2w of them waiting (chunks and their job messages); a full pipe cuts the link off and its chunks
+are re-sent to others without blame. A link cut off that then answers every chunk it held (its
+answers are stale) was only slow: it is taken back with a window its pipe holds (READMIT_CREDITS).
+A peer can still hold the chunks of its window and answer none: only its node's death (node_lost)
+or, for our own workers, the pool (worker_lost) gets those back.
+
+Who gets a link: see `mesh.protocol` (`ready`). A worker that lost a job from its cache answers
+`need_job`; the job message and the chunk are sent again on the same link (MAX_NEED_JOB times at
+most per chunk, then the link is dropped).
 """
 from __future__ import annotations
 
@@ -21,6 +41,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import psutil
 import zmq
 
 from mesh import protocol
@@ -33,7 +54,11 @@ from mesh.logs import get_logger
 
 INTAKE_HWM = 2
 ROUTER_RCVHWM = 128
+ROUTER_SNDHWM = 32  # messages waiting for one connection: a reading worker has <= 2 x window there
+READMIT_CREDITS = (ROUTER_SNDHWM - 8) // 2  # a link taken back after a cut-off: its pipe holds 2x this + controls
 MAX_RECV_BATCH = 256
+MAX_NEED_JOB = 3  # need_job answers to one chunk on one link; one more and the link is dropped
+MAX_CUT_OFF = 256  # links cut off and remembered (to take them back once they read); the oldest go first
 
 
 @dataclass
@@ -43,6 +68,7 @@ class Assignment:
     parts: list          # [header bytes, payload] as sent
     blame: int = 0       # workers that died while executing it
     reason: str = ""     # why the last of them died
+    job_requests: int = 0  # need_job answers to this send
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -61,6 +87,12 @@ class JobRoute:
     job_message: list
     on_result: Callable[[bytes, Header, Any, dict], None]
     on_poison: Callable[[Assignment], None]
+    # True: the owner calls Dispatcher.result_durable(job_id, epoch) exactly once for every result
+    # delivered to on_result, after its pending files are written (or once it dropped it); the
+    # result's credit comes back then. False: credits come back when results arrive.
+    acks_durable: bool = False
+    # the dispatcher thread's own: the links whose credit waits for result_durable, oldest first
+    undurable: deque = field(default_factory=deque, repr=False, compare=False)
 
 
 @dataclass
@@ -70,8 +102,17 @@ class WorkerLink:
     node: str
     slot: int = 0
     pid: int = 0
+    window: int = 0      # the credits it announced (or was given back after a cut-off)
     outstanding: OrderedDict = field(default_factory=OrderedDict)
-    known_jobs: set = field(default_factory=set)
+    known_jobs: set = field(default_factory=set)  # (job, epoch) sent a job message, of routed jobs only
+
+
+@dataclass
+class CutOff:
+    """A link cut off for a full pipe, and how many chunks it still holds: once it has answered
+    them all, it reads what it is sent, and is taken back."""
+    link: WorkerLink
+    owed: int
 
 
 @dataclass
@@ -87,6 +128,9 @@ class DispatcherStatistics:
     dropped_chunks: int = 0
     other_epoch_reports: int = 0  # results and verdicts of an epoch that no longer owns its job: dropped
     results: int = 0  # results accepted (chunks done here, for every job)
+    undurable_results: int = 0  # delivered to owners that acknowledge durability, not yet acknowledged
+    cut_off_links: int = 0  # links cut off because their pipe was full (the peer did not read)
+    job_resends: int = 0  # job messages sent again on a worker's need_job
 
 
 class Dispatcher:
@@ -100,6 +144,7 @@ class Dispatcher:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, frames.MAX_PAYLOAD)  # a peer cannot make us allocate more
         self.router.setsockopt(zmq.RCVHWM, ROUTER_RCVHWM)  # per connection: a worker has <= 64 results in flight
+        self.router.setsockopt(zmq.SNDHWM, ROUTER_SNDHWM)  # per connection; sends never block (see the docstring)
         self.router.setsockopt(zmq.LINGER, 0)
         self.curve = curve
         if curve is not None:
@@ -119,12 +164,14 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
         self.jobs: dict[str, JobRoute] = {}
         self.workers: dict[bytes, WorkerLink] = {}
+        self.cut_off: OrderedDict[bytes, CutOff] = OrderedDict()
         self.retry: deque[Assignment] = deque()
         self.peers: list[tuple[str, str | None]] = []  # (endpoint, CURVE public key)
         self.draining: frozenset[str] = frozenset()
         self._stats = DispatcherStatistics(0, 0, 0, 0, 0, 0, 0, 0)
         self.log = get_logger("mesh.dispatcher").bind(node=node_id)
         self._bad_frame_log = LogRateLimiter(self.log, "bad_frame_dropped")  # lines per FrameError reason
+        self._cut_off_log = LogRateLimiter(self.log, "worker_cut_off_pipe_full")  # lines per node
 
     # -- API for other threads: each call is queued and applied by the dispatcher thread --
     def start(self) -> None:
@@ -139,7 +186,16 @@ class Dispatcher:
         outstanding until answered (their credits come back) but their results are dropped."""
         self._command(("remove_job", (job_id, epoch)))
 
+    def result_durable(self, job_id: str, epoch: int) -> None:
+        """The owner of (`job_id`, `epoch`) is done with one result delivered to its `on_result`:
+        its pending files are written (or it dropped the result: a duplicate, another epoch's, a
+        job error). For a route with `acks_durable`, that result's credit comes back now. Call it
+        exactly once per delivered result; a call for a route no longer here is ignored."""
+        self._command(("result_durable", (job_id, epoch)))
+
     def worker_lost(self, identity: bytes, reason: str = "") -> None:
+        """A process of our pool died (`identity`: node/slot/pid): its chunks are re-sent, the
+        oldest blamed. The pool calls this before it starts the slot's next process."""
         self._command(("worker_lost", (identity, reason)))
 
     def worker_retired(self, identity: bytes) -> None:
@@ -168,7 +224,8 @@ class Dispatcher:
         return self._stats
 
     def open_source_socket(self) -> zmq.Socket:
-        """A PUSH socket for one source thread (create and use it in that thread)."""
+        """A PUSH socket for one source thread (create and use it in that thread). One per job:
+        each socket's pipe is read round robin with the others, so jobs share the workers."""
         sock = self.ctx.socket(zmq.PUSH)
         sock.setsockopt(zmq.SNDHWM, INTAKE_HWM)
         sock.setsockopt(zmq.LINGER, 0)
@@ -210,6 +267,7 @@ class Dispatcher:
                     self._drain_wake()
                 if self.router in events:
                     self._receive_from_workers()
+                self.intake.getsockopt(zmq.EVENTS)  # attach new sources' pipes now (see the docstring)
                 self._pump()
                 self._update_stats()
             except zmq.ContextTerminated:
@@ -231,23 +289,27 @@ class Dispatcher:
             except queue.Empty:
                 return
             if name == "add_job":
+                self._unroute(self.jobs.get(arg.job_id))  # a newer epoch replaces an older one's route
                 self.jobs[arg.job_id] = arg
-                self.retry = deque(a for a in self.retry if self._current(a.header))
+                self._forget_unrouted()
             elif name == "remove_job":
                 job_id, epoch = arg
                 route = self.jobs.get(job_id)
                 if route is not None and route.epoch == epoch:  # not a newer epoch's route
-                    del self.jobs[job_id]
-                self.retry = deque(a for a in self.retry if self._current(a.header))
+                    self._unroute(self.jobs.pop(job_id))
+                self._forget_unrouted()
+            elif name == "result_durable":
+                route = self.jobs.get(arg[0])
+                if route is not None and route.epoch == arg[1] and route.undurable:
+                    self._credit_back(route.undurable.popleft())
             elif name == "worker_lost":
-                for identity in self._connections_of(arg[0]):
-                    self._lose_worker(identity, reason=arg[1])
+                self._lose_process(arg[0], blame=True, reason=arg[1])
             elif name == "worker_retired":
-                for identity in self._connections_of(arg):
-                    self._lose_worker(identity, blame=False)
+                self._lose_process(arg, blame=False)
             elif name == "node_lost":
                 for identity in [i for i, link in self.workers.items() if link.node == arg]:
                     self._lose_worker(identity)
+                self._forget_cut_off(lambda link: link.node == arg)
             elif name == "set_draining":
                 self.draining = arg
             elif name == "set_task_modules":
@@ -261,9 +323,36 @@ class Dispatcher:
                     if link.node == self.node_id:
                         self._send_peers(link.identity)
 
-    def _connections_of(self, worker: bytes) -> list[bytes]:
-        """The links of one worker process (named node/slot/pid), whatever their connection."""
-        return [i for i in self.workers if i.startswith(worker + b"/")]
+    def _unroute(self, route: JobRoute | None) -> None:
+        """A route leaves: nobody will acknowledge its results, so their credits come back now."""
+        if route is None:
+            return
+        while route.undurable:
+            self._credit_back(route.undurable.popleft())
+
+    def _forget_unrouted(self) -> None:
+        """Links remember job messages only of the jobs routed here (a removed route never comes
+        back: a job returns with a new epoch)."""
+        routed = {(route.job_id, route.epoch) for route in self.jobs.values()}
+        for link in self.workers.values():
+            link.known_jobs &= routed
+        self.retry = deque(a for a in self.retry if self._current(a.header))
+
+    def _credit_back(self, link: WorkerLink) -> None:
+        if self.workers.get(link.identity) is link:  # not lost, nor cut off and taken back since
+            link.credits += 1
+
+    def _lose_process(self, worker: bytes, *, blame: bool, reason: str = "") -> None:
+        """Every link of one worker process (named node/slot/pid), whatever its connection, and
+        the memory of any cut off."""
+        prefix = worker + b"/"
+        self._forget_cut_off(lambda link: link.identity.startswith(prefix))
+        for identity in [i for i in self.workers if i.startswith(prefix)]:
+            self._lose_worker(identity, blame=blame, reason=reason)
+
+    def _forget_cut_off(self, predicate: Callable[[WorkerLink], bool]) -> None:
+        for identity in [i for i, c in self.cut_off.items() if predicate(c.link)]:
+            del self.cut_off[identity]
 
     def _free_credits(self) -> int:
         return sum(link.credits for link in self.workers.values() if link.node not in self.draining)
@@ -281,10 +370,11 @@ class Dispatcher:
                                                         f"(got {len(msg) - 1})")
                 header = frames.decode_header(msg[1].buffer)
                 if header.kind == Kind.RESULT:
-                    if self._expected(identity, header) is None:  # before its payload is checked or inflated
-                        self._stats.stale_results += 1
+                    assignment = self._expected(identity, header)
+                    if assignment is None:  # before its payload is checked or inflated
+                        self._on_stale(identity)
                     else:
-                        self._on_result(identity, header, self._checked_payload(identity, header, msg[2]))
+                        self._on_result(self.workers[identity], assignment, header, msg[2])
                 elif header.kind == Kind.CONTROL:
                     frames.decode_payload(header, msg[2].buffer)
                     self._on_control(identity, header, key_name=self._key_name(msg[1]))
@@ -308,23 +398,43 @@ class Dispatcher:
         body = protocol.body_of(header)
         if body.get("type") != "ready":
             raise FrameError("bad_control", f"unexpected control message {body.get('type')!r} from a worker")
-        credits, node, slot, pid = body.get("credits"), body.get("node"), body.get("slot"), body.get("pid")
-        if not isinstance(credits, int) or isinstance(credits, bool) or not 1 <= credits <= 64:  # JSON true is no count
-            raise FrameError("bad_control", f"ready.credits must be an integer in 1..64 (got {credits!r})")
-        if not isinstance(node, str) or not all(isinstance(n, int) and not isinstance(n, bool) for n in (slot, pid)):
-            raise FrameError("bad_control", "ready must name the worker's node (str), slot and pid (int)")
-        if key_name is not None and key_name != node:
-            raise FrameError("impostor", f"a worker claims node {node!r} but its key is {key_name!r}: "
-                                         "a node's workers must use that node's key (NAME.key_secret, NAME = node id)")
-        for old, link in [(i, l) for i, l in self.workers.items() if (l.node, l.slot) == (node, slot)]:
-            # The same process on a new connection (it dropped ours and came back, e.g. when a
-            # peers update flapped): what we sent on the old one died with it; re-send, blame
-            # none. Another pid: the slot's previous process died and was restarted.
-            self._lose_worker(old, blame=link.pid != pid)
-        self.workers[identity] = WorkerLink(identity=identity, credits=credits, node=node, slot=slot, pid=pid)
-        if node == self.node_id and self.peers:
+        ready = protocol.ready_of(body)
+        if key_name is not None and key_name != ready.node:
+            raise FrameError("impostor", f"a worker claims node {ready.node!r} but its key is {key_name!r}: a node's "
+                                         "workers must use that node's key (NAME.key_secret, NAME = node id)")
+        self._apply_commands()  # our pool reports a death before it starts the successor: judge after it
+        self._admit(identity, ready)
+
+    def _admit(self, identity: bytes, ready: protocol.Ready) -> None:
+        """A ready never takes a live link: not its own connection's (credits are announced once
+        per connection), not a slot of our node that a live worker holds. Another node's slot is
+        taken over by the same process on a new connection (what we sent on the old one died with
+        it: re-sent, no blame) or by the slot's restarted process (the only word we get of the
+        death: its chunks are re-sent, the oldest blamed)."""
+        if identity in self.workers or identity in self.cut_off:
+            raise FrameError("duplicate_ready", f"connection {identity[:64]!r} announced its credits already; "
+                                                "a ready is sent once per connection")
+        holders = [link for link in self.workers.values() if (link.node, link.slot) == (ready.node, ready.slot)]
+        if ready.node == self.node_id:
+            self._check_local(ready, holders)
+        for link in holders:
+            self._lose_worker(link.identity, blame=link.pid != ready.pid)
+        self._forget_cut_off(lambda link: (link.node, link.slot) == (ready.node, ready.slot))
+        self.workers[identity] = WorkerLink(identity=identity, credits=ready.credits, node=ready.node,
+                                            slot=ready.slot, pid=ready.pid, window=ready.credits)
+        if ready.node == self.node_id and self.peers:
             self._send_peers(identity)
-        self.log.debug("worker_joined", worker=identity, credits=credits)
+        self.log.debug("worker_joined", worker=identity, credits=ready.credits)
+
+    def _check_local(self, ready: protocol.Ready, holders: list[WorkerLink]) -> None:
+        """Our node's workers are our pool's processes: they never reconnect, and the pool reports
+        a death (worker_lost) before it starts the slot's next process. Anything else is an impostor."""
+        if holders:
+            raise FrameError("slot_taken", f"worker slot {ready.slot} of this node is held by the live worker "
+                                           f"pid {holders[0].pid}; pid {ready.pid} cannot take it")
+        if not _started_here(ready.pid):
+            raise FrameError("not_our_worker", f"pid {ready.pid} claims worker slot {ready.slot} of this node but is "
+                                               "not a process this daemon started")
 
     def _send_peers(self, identity: bytes) -> None:
         self._send_control(identity, protocol.control("peers", endpoints=[e for e, _ in self.peers],
@@ -352,29 +462,61 @@ class Dispatcher:
             return None
         return assignment
 
-    def _checked_payload(self, identity: bytes, header: Header, frame: zmq.Frame):
-        """The payload of a result we wait for; if it is corrupt (FrameError), its chunk is
-        re-sent, not left waiting for an answer that already came."""
+    def _on_result(self, link: WorkerLink, assignment: Assignment, header: Header, frame: zmq.Frame) -> None:
         try:
-            return frames.decode_payload(header, frame.buffer)
-        except FrameError:
-            link = self.workers[identity]
-            assignment = link.outstanding.pop((header.job_id, header.epoch, header.chunk_id))
+            payload = frames.decode_payload(header, frame.buffer)
+            body = protocol.body_of(header)
+        except FrameError:  # corrupt on the way: re-send it, never wait for an answer that already came
+            del link.outstanding[assignment.key]
             link.credits += 1
             if self._current(header):
                 self.retry.appendleft(assignment)
             self._stats.resent_chunks += 1
             raise
-
-    def _on_result(self, identity: bytes, header: Header, payload) -> None:
-        link = self.workers[identity]
-        del link.outstanding[(header.job_id, header.epoch, header.chunk_id)]
-        link.credits += 1
+        if protocol.asks_for_job(body) and self._current(header):
+            self._send_job_again(link, assignment)
+            return
+        del link.outstanding[assignment.key]
         self._stats.results += 1
+        route = self.jobs.get(header.job_id)
         if not self._current(header):  # job removed (finished, cancelled) or of an older epoch: drop
+            link.credits += 1
             self._stats.other_epoch_reports += 1
             return
-        self.jobs[header.job_id].on_result(identity, header, payload, protocol.body_of(header))
+        if route.acks_durable:
+            route.undurable.append(link)  # its credit comes back with result_durable
+        else:
+            link.credits += 1
+        route.on_result(link.identity, header, payload, body)
+
+    def _send_job_again(self, link: WorkerLink, assignment: Assignment) -> None:
+        """A need_job answer: the worker's job cache let the job go. The answer's credit is spent at
+        once on the job message and the chunk again, same link, same attempt; no blame."""
+        assignment.job_requests += 1
+        if assignment.job_requests > MAX_NEED_JOB:
+            self.log.warning("worker_keeps_asking_for_job", worker=link.identity, job=assignment.header.job_id,
+                             chunk=assignment.header.chunk_id, asked=assignment.job_requests)
+            self._lose_worker(link.identity, blame=False)
+            return
+        self._stats.job_resends += 1
+        self._transmit(link, [self.jobs[assignment.header.job_id].job_message, assignment.parts])
+
+    def _on_stale(self, identity: bytes) -> None:
+        """A result nobody waits for. From a link cut off for a full pipe, it counts down what that
+        link held: when all is answered, the link reads, and is taken back with a window its pipe
+        holds."""
+        self._stats.stale_results += 1
+        cut = self.cut_off.get(identity)
+        if cut is None:
+            return
+        cut.owed -= 1
+        if cut.owed > 0:
+            return
+        del self.cut_off[identity]
+        old, credits = cut.link, min(cut.link.window, READMIT_CREDITS)
+        self.workers[identity] = WorkerLink(identity=identity, credits=credits, node=old.node, slot=old.slot,
+                                            pid=old.pid, window=credits)
+        self.log.info("worker_taken_back", worker=identity, credits=credits)
 
     def _lose_worker(self, identity: bytes, *, blame: bool = True, reason: str = "") -> None:
         link = self.workers.pop(identity, None)
@@ -432,19 +574,43 @@ class Dispatcher:
 
     def _send(self, link: WorkerLink, assignment: Assignment) -> None:
         route = self.jobs[assignment.header.job_id]
-        try:
-            if (route.job_id, route.epoch) not in link.known_jobs:  # a new epoch may run new task code
-                protocol.send(self.router, route.job_message, identity=link.identity)
-                link.known_jobs.add((route.job_id, route.epoch))
-            protocol.send(self.router, assignment.parts, identity=link.identity)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: the worker is gone
-            self.log.info("worker_unreachable", worker=link.identity, error=str(exc))
+        job = (route.job_id, route.epoch)  # a new epoch may run new task code
+        if self.workers.get(link.identity) is not link:  # lost meanwhile (commands applied in _pump)
             self.retry.appendleft(assignment)
-            self.workers.pop(link.identity, None)
-            self.retry.extendleft(reversed(link.outstanding.values()))
             return
+        if not self._transmit(link, [assignment.parts] if job in link.known_jobs else
+                              [route.job_message, assignment.parts]):
+            self.retry.appendleft(assignment)
+            return
+        link.known_jobs.add(job)
         link.credits -= 1
         link.outstanding[assignment.key] = assignment
+
+    def _transmit(self, link: WorkerLink, messages: list[list]) -> bool:
+        """Send `messages` to one link, never blocking. A full pipe (EAGAIN: the peer does not read
+        what it asked for) cuts the link off; EHOSTUNREACH (it is gone) drops it. Either way, what
+        it held is re-sent to others without blame. True if all were sent."""
+        try:
+            for message in messages:
+                protocol.send(self.router, message, identity=link.identity, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            self._cut_off(link)
+        except zmq.ZMQError as exc:
+            self.log.info("worker_unreachable", worker=link.identity, error=str(exc))
+            self._lose_worker(link.identity, blame=False)
+        return False
+
+    def _cut_off(self, link: WorkerLink) -> None:
+        owed = len(link.outstanding)
+        self._lose_worker(link.identity, blame=False)
+        self._stats.cut_off_links += 1
+        self._cut_off_log.warning(link.node, worker=link.identity[:64], queued_messages=ROUTER_SNDHWM,
+                                  window=link.window, chunks_resent=owed, count=self._stats.cut_off_links)
+        if owed:  # one that holds nothing never answers: nothing would take it back
+            self.cut_off[link.identity] = CutOff(link, owed)
+            while len(self.cut_off) > MAX_CUT_OFF:
+                self.cut_off.popitem(last=False)
 
     def _update_stats(self) -> None:
         links = list(self.workers.values())
@@ -454,3 +620,12 @@ class Dispatcher:
         s.in_flight_chunks = sum(len(l.outstanding) for l in links)
         s.in_flight_bytes = sum(a.nbytes for l in links for a in l.outstanding.values())
         s.retry_queue = len(self.retry)
+        s.undurable_results = sum(len(route.undurable) for route in self.jobs.values())
+
+
+def _started_here(pid: int) -> bool:
+    """Is `pid` a live descendant of this process? Our pool's workers are (through its forkserver)."""
+    try:
+        return any(parent.pid == os.getpid() for parent in psutil.Process(pid).parents())
+    except (psutil.Error, ValueError, OverflowError, OSError):
+        return False

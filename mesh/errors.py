@@ -21,6 +21,8 @@
     ├── JobFailed(job_id, state)    Job.wait/result on a job that ended failed or cancelled
     └── StoreError                  the coordinator store failed
         ├── StoreUnavailable        cannot reach it; retry with backoff
+        ├── StoreRequestRejected(reason)
+        │                           refused for good (over the size limit): never retry it
         ├── StoreAuthError(user)    etcd refused the credentials
         ├── Compacted(revision)     watched history is gone; re-read everything
         ├── LeaseNotFound(lease_id) the lease expired or was revoked
@@ -48,6 +50,7 @@ from mesh.coordinator.errors import (
     NotOwner,
     StoreAuthError,
     StoreError,
+    StoreRequestRejected,
     StoreUnavailable,
 )
 
@@ -55,6 +58,7 @@ __all__ = [
     "CodecError", "Compacted", "ConfigConflict", "ConfigVersionNotFound", "InvalidConfig", "FrameError", "InputError", "InvalidSpec", "JobFailed",
     "InsecureBind", "JobNotFound", "KeyFileError", "LeaseNotFound", "NodeNotFound", "MeshBusy", "MeshError", "NotOwner", "OutputError",
     "PathNotAllowed", "Shutdown", "StoreAuthError", "StoreError", "StoreUnavailable", "TaskError",
+    "StoreRequestRejected",
 ]
 
 

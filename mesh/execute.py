@@ -3,6 +3,12 @@
 Pure function of its inputs (no sockets), so the worker loop stays a thin shell and this logic is
 tested directly. The fast path calls the task once per segment; only a segment whose task call
 raises is re-run record by record, to send exactly the failing records to dead letters.
+
+Bounded: a chunk's result always fits in one result frame. Each dead letter's error text and
+record excerpt are cut, a chunk's dead letters have a count and a byte budget (what does not fit
+is counted in one summary entry), and a result that still cannot travel (an output over the
+frame's MAX_PAYLOAD, a body over its MAX_EXTRA, a partial JSON cannot hold) becomes the chunk's
+failure: every record failed, one dead letter per segment naming the limit (`sendable`).
 """
 from __future__ import annotations
 
@@ -10,14 +16,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import orjson
+
+from mesh.codecs import frames
 from mesh.codecs.compression import decompress_whole
 from mesh.codecs.errors import CodecError
 from mesh.codecs.records import join_records, split_records
 from mesh.errors import InvalidSpec
 from mesh.tasks import Task
 
-MAX_DEAD_RECORD_BYTES = 1024
+MAX_DEAD_RECORD_BYTES = 1024  # the excerpt of a failed record kept in its dead letter
+MAX_DEAD_ERROR_CHARS = 2000  # the error text kept in a dead letter
 MAX_DEAD_LETTERS_PER_CHUNK = 1000
+#: JSON bytes of dead letters one result carries: a quarter of the body's limit (MAX_EXTRA), the
+#: rest is room for a reduce partial. A cut error is at most ~12 KB of JSON (control characters).
+MAX_DEAD_LETTER_BYTES_PER_CHUNK = frames.MAX_EXTRA // 4
 
 
 @dataclass
@@ -31,6 +44,7 @@ class ChunkOutcome:
     dead_letters: list[dict] = field(default_factory=list)
     job_error: str | None = None
     task_cpu_us: int = 0  # CPU time inside the task's own code: the rest of a mesh's CPU is its overhead
+    unreadable_segments: int = 0  # segments that could not be decoded (each one failed record)
 
     def meta(self) -> dict:
         """What travels in the result frame's `extra` (the output bytes travel as payload)."""
@@ -57,18 +71,47 @@ def _as_bytes(rec: Any) -> bytes:
 
 
 class _DeadLetters:
+    """The dead letters of one chunk, bounded: each text cut, at most MAX_DEAD_LETTERS_PER_CHUNK
+    entries and MAX_DEAD_LETTER_BYTES_PER_CHUNK bytes of JSON; `close` adds one entry counting the
+    failed records that did not fit. Every failed record is counted in `failed_records`."""
+
     def __init__(self, outcome: ChunkOutcome):
         self.outcome = outcome
+        self.nbytes = 0  # JSON bytes of the entries kept
+        self.dropped = 0  # failed records left out: the entries kept are the first ones
+        self.first_dropped = (0, 0)  # (file_index, offset) of the first one left out
 
     def add(self, file_index: int, offset: int, error: str, record: bytes = b"") -> None:
         self.outcome.failed_records += 1
-        if len(self.outcome.dead_letters) < MAX_DEAD_LETTERS_PER_CHUNK:
+        if not self.dropped and len(self.outcome.dead_letters) < MAX_DEAD_LETTERS_PER_CHUNK:
+            entry = {"file_index": file_index, "offset": offset, "error": _cut(error),
+                     "record": record[:MAX_DEAD_RECORD_BYTES].decode("utf-8", "replace")}
+            size = len(orjson.dumps(entry)) + 1
+            if self.nbytes + size <= MAX_DEAD_LETTER_BYTES_PER_CHUNK:
+                self.outcome.dead_letters.append(entry)
+                self.nbytes += size
+                return
+        if not self.dropped:
+            self.first_dropped = (file_index, offset)
+        self.dropped += 1
+
+    def close(self) -> None:
+        """Add the summary entry of the dead letters left out, if any (it is always kept)."""
+        dropped = self.dropped
+        if dropped:
+            file_index, offset = self.first_dropped
             self.outcome.dead_letters.append({
-                "file_index": file_index,
-                "offset": offset,
-                "error": error,
-                "record": record[:MAX_DEAD_RECORD_BYTES].decode("utf-8", "replace"),
-            })
+                "file_index": file_index, "offset": offset, "record": "",
+                "error": f"{dropped} more dead letters of this chunk were dropped, the first at this offset: "
+                         f"a result carries at most {MAX_DEAD_LETTERS_PER_CHUNK} dead letters and "
+                         f"{MAX_DEAD_LETTER_BYTES_PER_CHUNK} bytes of them (MAX_DEAD_LETTERS_PER_CHUNK, "
+                         "MAX_DEAD_LETTER_BYTES_PER_CHUNK); each one failed and is counted in failed_records"})
+
+
+def _cut(error: str) -> str:
+    if len(error) <= MAX_DEAD_ERROR_CHARS:
+        return error
+    return error[:MAX_DEAD_ERROR_CHARS] + f"... (cut at {MAX_DEAD_ERROR_CHARS} of {len(error)} characters)"
 
 
 def _error_text(exc: BaseException) -> str:
@@ -88,6 +131,7 @@ def run_chunk(task: Task, params: dict, segments: Sequence, views: Sequence, *,
             data = decompress_whole(view, seg.encoding, max_segment_bytes)
         except CodecError as exc:
             dead.add(seg.file_index, seg.start, f"cannot decode {seg.encoding} input: {exc}")
+            outcome.unreadable_segments += 1
             continue
         outcome.bytes_in += len(data)
         records = split_records(data)
@@ -104,11 +148,49 @@ def run_chunk(task: Task, params: dict, segments: Sequence, views: Sequence, *,
             return outcome
         finally:
             outcome.task_cpu_us += (time.thread_time_ns() - started) // 1000
+    dead.close()
     outcome.records_out = len(outputs)
     outcome.partial = partial
     if outputs:
         outcome.output = compress_output(join_records(outputs))
     return outcome
+
+
+def sendable(outcome: ChunkOutcome, segments: Sequence) -> tuple[ChunkOutcome, bytes]:
+    """The outcome a result frame reports for `outcome`, and its JSON body (`meta()`), always
+    within the frame's limits: `outcome` itself when it fits. One that cannot travel (an output
+    over MAX_PAYLOAD, a body over MAX_EXTRA, a partial JSON cannot hold) is reported as the chunk's
+    failure instead (`failed_chunk`), naming the limit: never dropped, never a hang."""
+    if len(outcome.output) > frames.MAX_PAYLOAD:
+        error = (f"its output is {len(outcome.output)} bytes (compressed), over the frame limit "
+                 f"MAX_PAYLOAD {frames.MAX_PAYLOAD} bytes")
+    else:
+        try:
+            body = orjson.dumps(outcome.meta())
+        except orjson.JSONEncodeError as exc:  # a partial holding a set, a non-str key, an int over 64 bits
+            error = f"its reduce partial cannot be encoded as JSON: {exc}"
+        else:
+            if len(body) <= frames.MAX_EXTRA:
+                return outcome, body
+            error = (f"its result is {len(body)} bytes of JSON (reduce partial and dead letters), over the "
+                     f"frame limit MAX_EXTRA {frames.MAX_EXTRA} bytes")
+    failed = failed_chunk(outcome, segments, error)
+    return failed, orjson.dumps(failed.meta())
+
+
+def failed_chunk(outcome: ChunkOutcome, segments: Sequence, error: str) -> ChunkOutcome:
+    """The outcome of a chunk whose result cannot be sent: no output, no partial, every record
+    failed, one dead letter per segment (bounded like any) saying why."""
+    failed = ChunkOutcome(records_in=outcome.records_in, bytes_in=outcome.bytes_in,
+                          task_cpu_us=outcome.task_cpu_us)
+    records = max(1, outcome.records_in + outcome.unreadable_segments)
+    dead = _DeadLetters(failed)
+    for seg in segments:
+        dead.add(seg.file_index, seg.start, f"the result of this chunk cannot be sent: {error}; "
+                                            f"all {records} records of the chunk are counted as failed")
+    dead.close()
+    failed.failed_records = records
+    return failed
 
 
 def _map_segment(task: Task, params: dict, records: list[bytes], seg, dead: _DeadLetters) -> list[bytes]:

@@ -23,7 +23,7 @@ from mesh.codecs import frames
 from mesh.codecs.frames import Kind
 from mesh.coordinator.jobs import JobSpec, JobStore
 from mesh.dispatcher import Assignment, Dispatcher, JobRoute
-from mesh.errors import MeshError, NotOwner, StoreError
+from mesh.errors import MeshError, NotOwner, StoreError, StoreRequestRejected
 from mesh.accounting import Accounting, Tally
 from mesh.offsets import Watermarks
 from mesh.commit import Committer
@@ -119,6 +119,9 @@ class Owner:
         try:
             try:
                 self._until_stored(self._prepare, "prepare")
+            except StoreRequestRejected as exc:
+                self._finish("failed", _rejected(exc))
+                return
             except StoreError:
                 raise  # only while stepping down: see _until_stored
             except MeshError as exc:
@@ -131,12 +134,16 @@ class Owner:
                                              params=self.spec.params, epoch=self.epoch,
                                              task_hash=getattr(self.task, "source_hash", "")),
                 on_result=lambda ident, header, payload, body: self.inbox.put(("result", (ident, header, payload, body))),
-                on_poison=lambda assignment: self.inbox.put(("poison", assignment))))
+                on_poison=lambda assignment: self.inbox.put(("poison", assignment)),
+                acks_durable=True))
             self._source_thread = threading.Thread(target=self._source, name=f"source-{self.job_id}", daemon=True)
             self._source_thread.start()
             self.log.info("job_started", files=len(self.files), task=self.spec.task)
             try:
                 self._loop()
+            except StoreRequestRejected as exc:  # retrying cannot help: the job fails, saying why
+                self.log.error("store_write_rejected", error=str(exc))
+                self._finish("failed", _rejected(exc))
             except StoreError:
                 raise
             except MeshError as exc:  # e.g. the output directory became unwritable or full
@@ -278,7 +285,10 @@ class Owner:
         elif kind == "input_failure":
             self._on_input_failure(arg)
         elif kind == "result":
-            return self._on_result(*arg)
+            try:
+                return self._on_result(*arg)
+            finally:  # its credit comes back only now that it is durable (pending files fsynced)
+                self.dispatcher.result_durable(self.job_id, self.epoch)
         elif kind == "poison":
             self._on_poison(arg)
         return None
@@ -382,7 +392,7 @@ class Owner:
         interval (what is not committed is at worst redone after a failover)."""
         try:
             self.committer.commit(self._progress())
-        except NotOwner:
+        except (NotOwner, StoreRequestRejected):
             raise
         except StoreError as exc:
             if self._commit_failing_since is None:
@@ -412,7 +422,7 @@ class Owner:
         while True:
             try:
                 return write()
-            except NotOwner:
+            except (NotOwner, StoreRequestRejected):
                 raise
             except StoreError as exc:
                 if self.stepping_down.wait(backoff_s):
@@ -450,6 +460,11 @@ class Owner:
                            "finish")
         self.log.info("job_finished", state=state, reason=reason, records_in=summary["records_in"],
                       seconds=summary["seconds"])
+
+
+def _rejected(exc: StoreRequestRejected) -> str:
+    return (f"the coordinator refused a write of this job, which no retry can change ({exc}); "
+            "results and summaries live in the output directory, so this is a bug: please report it")
 
 
 def merge_partials(out_dir, combine):

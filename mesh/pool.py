@@ -4,6 +4,11 @@ Processes come from a forkserver (preloaded with the worker module): forking the
 itself is unsafe, and plain spawn would re-import everything for every restart. A death is
 reported at once through `on_lost(identity)`, so the dispatcher re-sends the worker's chunks
 without waiting for a timeout.
+
+A spawn can fail (EAGAIN from a pids limit, ENOMEM, a forkserver that died under such a limit):
+the slot is retried with the same backoff as a crash, and `statistics()` says since when no
+worker has been running (`no_worker_since`) and why the last spawn failed. Nothing that goes
+wrong in one round ends the supervisor: restarts and chunk time limits depend on it.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from mesh.logs import get_logger
 RESTART_BACKOFF_MIN_S = 0.05
 RESTART_BACKOFF_MAX_S = 10.0
 STABLE_AFTER_S = 30.0
+RUNNING_AFTER_S = 1.0  # a worker counts as running once it has lived this long (not a crash at start)
 
 
 def available_cores() -> list[int]:
@@ -42,6 +48,7 @@ class _Slot:
     retired: bool = False
     busy_since: object = None  # multiprocessing RawValue('d'): monotonic start of the current chunk
     kill_reason: str = ""
+    spawn_failures: int = 0
 
 
 @dataclass
@@ -50,6 +57,9 @@ class PoolStatistics:
     alive: int
     restarts: int
     cores: list[int] = field(default_factory=list)
+    spawn_failures: int = 0               # worker processes that could not be started (retried)
+    last_spawn_error: str = ""            # why the last one failed ("" when none has)
+    no_worker_since: float | None = None  # pool clock: since when no worker has run (None: one runs)
 
 
 class WorkerPool:
@@ -69,6 +79,8 @@ class WorkerPool:
         self._wake_r, self._wake_w = multiprocessing.connection.Pipe(duplex=False)
         self._thread = threading.Thread(target=self._supervise, name="worker-pool", daemon=True)
         self._lock = threading.Lock()
+        self._last_spawn_error = ""
+        self._no_worker_since: float | None = clock()  # until a worker has run RUNNING_AFTER_S
         self.log = get_logger("mesh.pool").bind(node=base.node_id)
 
     def _new_slot(self, index: int) -> _Slot:
@@ -110,17 +122,44 @@ class WorkerPool:
 
     def _spawn(self, slot: _Slot) -> None:
         """Start the slot's process under the pool's config as it is now: a worker restarted after
-        a crash must not run under the config its slot was first created with."""
+        a crash must not run under the config its slot was first created with. A start that
+        fails is scheduled again with backoff (the caller holds the lock, or is `start`)."""
         slot.cfg = replace(self._base, slot=slot.cfg.slot, core=slot.cfg.core)
-        slot.busy_since = self._ctx.RawValue("d", 0.0)
         slot.kill_reason = ""
-        proc = self._ctx.Process(target=worker_main, args=(slot.cfg, slot.busy_since),
-                                 name=f"mesh-worker-{slot.cfg.slot}", daemon=True)
-        proc.start()
+        try:
+            slot.busy_since = self._ctx.RawValue("d", 0.0)
+            proc = self._ctx.Process(target=worker_main, args=(slot.cfg, slot.busy_since),
+                                     name=f"mesh-worker-{slot.cfg.slot}", daemon=True)
+            proc.start()
+        except Exception as exc:  # OSError (EAGAIN, ENOMEM), or EOFError from a forkserver that died forking
+            self._spawn_failed(slot, exc)
+            return
         slot.process = proc
         slot.identity = worker_identity(slot.cfg.node_id, slot.cfg.slot, proc.pid)
         slot.started_at = self._clock()
         slot.restart_at = None
+
+    def _spawn_failed(self, slot: _Slot, exc: Exception) -> None:
+        slot.process = None
+        slot.spawn_failures += 1
+        slot.backoff_s = min(slot.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+        slot.restart_at = self._clock() + slot.backoff_s
+        self._last_spawn_error = f"{type(exc).__name__}: {exc}"
+        if self._no_worker_since is None and not any(s.process is not None and s.process.is_alive()
+                                                     for s in self._slots):
+            self._no_worker_since = self._clock()
+        self.log.error("worker_spawn_failed", worker=slot.cfg.slot, error=self._last_spawn_error,
+                       failures=slot.spawn_failures, retry_in_s=round(slot.backoff_s, 3))
+
+    def _note_running(self) -> None:
+        """Clear `no_worker_since` once some worker has lived RUNNING_AFTER_S; set it when none lives."""
+        now = self._clock()
+        with self._lock:
+            alive = [s for s in self._slots if s.process is not None and s.process.is_alive()]
+            if any(now - s.started_at >= RUNNING_AFTER_S for s in alive):
+                self._no_worker_since = None
+            elif not alive and self._no_worker_since is None:
+                self._no_worker_since = now
 
     def pids(self) -> list[int]:
         with self._lock:
@@ -136,27 +175,38 @@ class WorkerPool:
             alive = sum(1 for s in self._slots if s.process is not None and s.process.is_alive())
             return PoolStatistics(workers=len(self._slots), alive=alive,
                                   restarts=sum(s.restarts for s in self._slots),
-                                  cores=[s.cfg.core for s in self._slots])
+                                  cores=[s.cfg.core for s in self._slots],
+                                  spawn_failures=sum(s.spawn_failures for s in self._slots),
+                                  last_spawn_error=self._last_spawn_error, no_worker_since=self._no_worker_since)
 
     def _supervise(self) -> None:
+        """Until stopped; one round that fails (a bug, a callback) is logged and the next follows."""
         while not self._stop.is_set():
-            with self._lock:
-                waitables = {s.process.sentinel: s for s in self._slots if s.process is not None}
-                due = [s.restart_at for s in self._slots if s.restart_at is not None]
-            timeout = min(1.0, max(0.0, min(due) - self._clock())) if due else 1.0
-            if self.chunk_time_limit_s is not None:
-                timeout = min(timeout, max(0.05, self.chunk_time_limit_s / 4))
-            ready = multiprocessing.connection.wait([*waitables, self._wake_r], timeout=timeout)
-            if self._stop.is_set():
-                return
-            if self._wake_r in ready:
-                self._wake_r.recv_bytes()
-            for sentinel in ready:
-                slot = waitables.get(sentinel)
-                if slot is not None:
-                    self._on_death(slot)
-            self._enforce_time_limit()
-            self._restart_due()
+            try:
+                self._supervise_once()
+            except Exception:
+                self.log.exception("pool_supervisor_round_failed")
+                self._stop.wait(0.5)
+
+    def _supervise_once(self) -> None:
+        with self._lock:
+            waitables = {s.process.sentinel: s for s in self._slots if s.process is not None}
+            due = [s.restart_at for s in self._slots if s.restart_at is not None]
+        timeout = min(1.0, max(0.0, min(due) - self._clock())) if due else 1.0
+        if self.chunk_time_limit_s is not None:
+            timeout = min(timeout, max(0.05, self.chunk_time_limit_s / 4))
+        ready = multiprocessing.connection.wait([*waitables, self._wake_r], timeout=timeout)
+        if self._stop.is_set():
+            return
+        if self._wake_r in ready:
+            self._wake_r.recv_bytes()
+        for sentinel in ready:
+            slot = waitables.get(sentinel)
+            if slot is not None:
+                self._on_death(slot)
+        self._enforce_time_limit()
+        self._restart_due()
+        self._note_running()
 
     def _enforce_time_limit(self) -> None:
         """Kill a worker stuck on one chunk (a task hung in C code cannot be interrupted): its

@@ -5,6 +5,19 @@ Flow control is demand-driven: the worker announces `credits` (its window) once;
 it sends returns one credit, so the dispatcher never queues more than `window` chunks here.
 That avoids PUSH/PULL's two traps (the first peer hoarding the queue, and messages queued to a
 dead peer vanishing): the dispatcher knows exactly which chunks this worker holds.
+
+Every chunk is answered by one RESULT (same job, epoch, chunk and attempt), so no chunk is ever
+held here without an end:
+- a job this worker knows: the chunk's outcome, always within the frame's limits (a result too
+  big to travel is reported as the chunk's dead letters naming the limit: `execute.sendable`);
+- a job it does not know (never told, or let go by its bounded cache): an empty payload and the
+  body `{"need_job": true}`, and nothing else; the dispatcher then sends the job message again,
+  then the chunk.
+
+A job message binds (job id, epoch) to a task and params on the link it came on only: a chunk is
+looked up by (link, job id, epoch), so no peer can replace the task another owner sent for its
+job. Each link's cache holds MAX_CACHED_JOBS jobs, least recently used first out, so no peer can
+push another owner's jobs out either; a link's jobs go with it.
 """
 from __future__ import annotations
 
@@ -15,6 +28,7 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import psutil
@@ -26,14 +40,16 @@ from mesh.codecs.compression import get_codec
 from mesh.codecs.errors import FrameError
 from mesh.codecs.frames import Kind
 from mesh.errors import MeshError
-from mesh.execute import ChunkOutcome, run_chunk
+from mesh.execute import ChunkOutcome, failed_chunk, run_chunk, sendable
 from mesh.lifeline import die_with_parent
 from mesh.logs import configure_logging, get_logger
 from mesh.security import Keypair, secure_client
 from mesh.ratelimit import LogRateLimiter
-from mesh.tasks import resolve_task
+from mesh.tasks import Task, resolve_task
 
-MAX_CACHED_JOBS = 32
+MAX_CACHED_JOBS = 32  # jobs known at once per link; the least recently used goes first
+NEED_JOB_BODY = orjson.dumps({protocol.NEED_JOB: True})  # our answer to a chunk of a job we do not know
+_U64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -48,6 +64,15 @@ class WorkerConfig:
     output_level: int = 1
     curve_key: str | None = None  # the node's secret key file: loaded here, never sent to us
     allowed_task_modules: tuple[str, ...] | None = ()  # our node's allowlist (None: any); built-ins always
+
+
+@dataclass
+class KnownJob:
+    """A job as one link's job message described it; the task is resolved at its first chunk."""
+    task_name: str
+    params: dict[str, Any]
+    task_hash: str | None  # the source the owner runs; absent from older owners
+    task: Task | None = None
 
 
 def worker_identity(node_id: str, slot: int, pid: int) -> bytes:
@@ -84,7 +109,9 @@ class Worker:
         self.busy_since = busy_since  # shared with the pool: when the current chunk started (0: idle)
         self.identity = worker_identity(cfg.node_id, cfg.slot, os.getpid())
         self.log = get_logger("mesh.worker").bind(node=cfg.node_id, worker=cfg.slot, core=cfg.core)
-        self.jobs: OrderedDict[str, tuple] = OrderedDict()
+        self.jobs: dict[str, OrderedDict[tuple[str, int], KnownJob]] = {}  # link -> (job, epoch) -> job
+        self.links: dict[str, zmq.Socket] = {}  # endpoint -> our connection to it
+        self._link_names: dict[zmq.Socket, str] = {}
         self.draining = False
         self.bad_frames = 0
         self.allowed_modules = cfg.allowed_task_modules
@@ -96,7 +123,6 @@ class Worker:
     def run(self) -> None:
         """Serve the local dispatcher and, peer to peer, every remote owner it names."""
         self.ctx = zmq.Context(io_threads=1)
-        self.links: dict[str, zmq.Socket] = {}
         self.keys = Keypair.load(self.cfg.curve_key) if self.cfg.curve_key else None
         self.local = self._connect(self.cfg.endpoint, self.keys.public.decode() if self.keys else None)
         self.log.debug("worker_ready", endpoint=self.cfg.endpoint)
@@ -128,6 +154,7 @@ class Worker:
         protocol.send(sock, protocol.control("ready", credits=self.cfg.window, pid=os.getpid(),
                                              core=self.cfg.core, node=self.cfg.node_id, slot=self.cfg.slot))
         self.links[endpoint] = sock
+        self._link_names[sock] = endpoint
         return sock
 
     def set_peers(self, endpoints: list[str], keys: dict[str, str]) -> None:
@@ -145,10 +172,17 @@ class Worker:
                 wanted.discard(endpoint)
         for endpoint in list(self.links):
             if endpoint != self.cfg.endpoint and endpoint not in wanted:
-                self.links.pop(endpoint).close(0)
+                self._drop_link(endpoint)
         for endpoint in sorted(wanted - set(self.links)):
             self._connect(endpoint, keys.get(endpoint))
         self.log.info("peers_updated", peers=sorted(wanted))
+
+    def _drop_link(self, endpoint: str) -> None:
+        """Close a link and forget the jobs it sent: a new connection is told them again."""
+        sock = self.links.pop(endpoint)
+        self._link_names.pop(sock, None)
+        sock.close(0)
+        self.jobs.pop(endpoint, None)
 
     def _sync_poller(self, poller: zmq.Poller) -> None:
         registered = {s for s, _ in poller.sockets}
@@ -159,30 +193,28 @@ class Worker:
             poller.register(sock, zmq.POLLIN)
 
     def handle(self, msg: list, sock=None) -> list | None:
+        """Answer one message received on `sock` (None: our own dispatcher's link)."""
         try:
             header, payload = frames.decode([m.buffer for m in msg])
+            from_local = sock is None or sock is self.local
+            link = self.cfg.endpoint if from_local else self._link_names.get(sock)
+            if link is None:
+                raise FrameError("closed_link", "a message on a link already dropped")
             if header.kind == Kind.CONTROL:
-                return self.on_control(header, from_local=sock is None or sock is self.local)
+                return self.on_control(header, from_local=from_local, link=link)
             if header.kind == Kind.CHUNK:
-                return self.on_chunk(header, payload)
+                return self.on_chunk(header, payload, link)
             raise FrameError("bad_kind", f"workers do not accept {header.kind.name} messages")
         except FrameError as exc:
             self.bad_frames += 1  # counted always, logged rate-limited
             self._bad_frame_log.warning(exc.reason, reason=exc.reason, error=str(exc)[:300], count=self.bad_frames)
             return None
 
-    def on_control(self, header, *, from_local: bool = True) -> None:
+    def on_control(self, header, *, from_local: bool = True, link: str | None = None) -> None:
         body = protocol.body_of(header)
         kind = body.get("type")
         if kind == "job":
-            task_hash = body.get("task_hash")  # the source the owner runs; absent from older owners
-            if task_hash is not None and not isinstance(task_hash, str):
-                raise FrameError("bad_control", "job.task_hash must be a hex string")
-            # Always resolved again, even for a job we know (a replay after a fix): resolve_task
-            # re-executes a module whose file changed, so we run the code on disk now.
-            self.jobs[header.job_id] = (body.get("task"), body.get("params") or {}, None, task_hash)
-            self.jobs.move_to_end(header.job_id)
-            self._evict()
+            self.remember_job(link or self.cfg.endpoint, header.job_id, body)
         elif kind == "peers" and from_local:  # only our own daemon says whom to serve
             endpoints, keys = body.get("endpoints"), body.get("keys") or {}
             if not isinstance(endpoints, list) or not isinstance(keys, dict):
@@ -193,57 +225,85 @@ class Worker:
             if modules is not None and not (isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
                 raise FrameError("bad_control", "allow.modules must be null or a list of module names")
             self.allowed_modules = None if modules is None else tuple(modules)
-            for job_id, (name, params, _, task_hash) in list(self.jobs.items()):
-                self.jobs[job_id] = (name, params, None, task_hash)
+            for cache in self.jobs.values():
+                for job in cache.values():
+                    job.task = None
         elif kind == "stop" and from_local:
             self.draining = True
         return None
 
-    def _evict(self) -> None:
-        while len(self.jobs) > MAX_CACHED_JOBS:
-            self.jobs.popitem(last=False)
+    def remember_job(self, link: str, job_id: str, body: dict) -> None:
+        """A job message: (link, job, epoch) now names this task and params. Always resolved again,
+        even for a job we know (a replay after a fix): resolve_task re-executes a module whose
+        file changed, so we run the code on disk now."""
+        task_name, params = body.get("task"), body.get("params") or {}
+        task_hash, epoch = body.get("task_hash"), body.get("epoch")
+        if not isinstance(task_name, str) or not isinstance(params, dict):
+            raise FrameError("bad_control", "job must name its task (a string) and carry params (an object)")
+        if task_hash is not None and not isinstance(task_hash, str):
+            raise FrameError("bad_control", "job.task_hash must be a hex string")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= _U64:
+            raise FrameError("bad_control", f"job.epoch must be an integer in [0, 2**64) (got {epoch!r})")
+        cache = self.jobs.setdefault(link, OrderedDict())
+        cache[job_id, epoch] = KnownJob(task_name, params, task_hash)
+        cache.move_to_end((job_id, epoch))
+        while len(cache) > MAX_CACHED_JOBS:
+            cache.popitem(last=False)
 
-    def _task(self, job_id: str):
+    def _task(self, job: KnownJob, job_id: str) -> Task:
         """The job's task, resolved once per job message (a chunk must not change code midway)."""
-        name, params, task, task_hash = self.jobs[job_id]
-        if task is None:
-            task = resolve_task(name, self.allowed_modules)  # never a remote owner's say
-            self.jobs[job_id] = (name, params, task, task_hash)
-            if task_hash and task.source_hash and task_hash != task.source_hash:  # e.g. a deploy half done
-                self.log.warning("task_source_differs_from_owner", job=job_id, task=task.name,
-                                 ours=task.source_hash[:12], owner=task_hash[:12])
-        return task, params
+        if job.task is None:
+            job.task = resolve_task(job.task_name, self.allowed_modules)  # never a remote owner's say
+            ours = job.task.source_hash
+            if job.task_hash and ours and job.task_hash != ours:  # e.g. a deploy half done
+                self.log.warning("task_source_differs_from_owner", job=job_id, task=job.task.name,
+                                 ours=ours[:12], owner=job.task_hash[:12])
+        return job.task
 
-    def on_chunk(self, header, payload) -> list:
+    def on_chunk(self, header, payload, link: str | None = None) -> list:
+        cache = self.jobs.get(link or self.cfg.endpoint, {})
+        job = cache.get((header.job_id, header.epoch))
+        if job is None:  # never told, or let go: ask again, never fail the job for it
+            self.log.debug("chunk_of_unknown_job", job=header.job_id, epoch=header.epoch, chunk=header.chunk_id)
+            return list(frames.encode(Kind.RESULT, job_id=header.job_id, epoch=header.epoch,
+                                      chunk_id=header.chunk_id, attempt=header.attempt, extra=NEED_JOB_BODY))
+        cache.move_to_end((header.job_id, header.epoch))
         if self.busy_since is not None:
             self.busy_since.value = time.monotonic()
         try:
-            return self._process(header, payload)
+            return self._process(job, header, payload)
         finally:
             if self.busy_since is not None:
                 self.busy_since.value = 0.0
 
-    def _process(self, header, payload) -> list:
+    def _process(self, job: KnownJob, header, payload) -> list:
         log = self.log.bind(job=header.job_id, chunk=header.chunk_id, attempt=header.attempt)
-        if header.job_id not in self.jobs:
-            outcome = ChunkOutcome(job_error=f"worker got chunk {header.chunk_id} of unknown job {header.job_id}")
-        else:
-            try:
-                task, params = self._task(header.job_id)
-                outcome = run_chunk(task, params, header.segments, frames.segment_views(header, payload),
-                                    max_segment_bytes=self.cfg.max_segment_bytes,
-                                    compress_output=self.compress_output)
-            except MeshError as exc:  # task cannot be loaded: the job is wrong, not the chunk
-                outcome = ChunkOutcome(job_error=str(exc))
-        if outcome.job_error:
+        try:
+            outcome = run_chunk(self._task(job, header.job_id), job.params, header.segments,
+                                frames.segment_views(header, payload), max_segment_bytes=self.cfg.max_segment_bytes,
+                                compress_output=self.compress_output)
+        except MeshError as exc:  # task cannot be loaded: the job is wrong, not the chunk
+            outcome = ChunkOutcome(job_error=str(exc))
+        reported, body = sendable(outcome, header.segments)
+        if reported is not outcome:
+            log.warning("chunk_result_over_limit", error=next((d["error"] for d in reported.dead_letters), ""),
+                        failed=reported.failed_records)
+        elif outcome.job_error:
             log.info("chunk_job_error", error=outcome.job_error)
         elif outcome.failed_records:
             log.info("chunk_dead_letters", failed=outcome.failed_records)
-        hdr, body = frames.encode(Kind.RESULT, job_id=header.job_id, epoch=header.epoch,
-                                  chunk_id=header.chunk_id, attempt=header.attempt,
-                                  payload=outcome.output, codec="none",
-                                  record_count=outcome.records_out, extra=orjson.dumps(outcome.meta()))
-        return [hdr, body]
+        try:
+            return self._result(header, reported, body)
+        except FrameError as exc:  # `sendable` keeps to the limits; whatever else a frame refuses
+            log.error("chunk_result_refused", error=str(exc))  # is still an answer, not a silent drop
+            reported = failed_chunk(outcome, header.segments, f"its result frame cannot be built: {exc}")
+            return self._result(header, reported, orjson.dumps(reported.meta()))
+
+    @staticmethod
+    def _result(header, outcome: ChunkOutcome, body: bytes) -> list:
+        return list(frames.encode(Kind.RESULT, job_id=header.job_id, epoch=header.epoch, chunk_id=header.chunk_id,
+                                  attempt=header.attempt, payload=outcome.output, codec="none",
+                                  record_count=outcome.records_out, extra=body))
 
 
 def worker_main(cfg: WorkerConfig, busy_since=None) -> None:

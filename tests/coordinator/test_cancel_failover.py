@@ -4,22 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from etcd_server import EtcdServer
-from mesh.coordinator.embedded import open_embedded_store
-from mesh.coordinator.etcd import open_etcd_store
 from mesh.coordinator.jobs import JobSpec, JobStore
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(params=["embedded", "etcd"])
-def store(request, tmp_path):
-    if request.param == "embedded":
-        with open_embedded_store(tmp_path / "state") as s:
-            yield s
-    else:
-        with EtcdServer(tmp_path / "etcd") as etcd, open_etcd_store(etcd.url, timeout_s=5.0) as s:
-            yield s
 
 
 @pytest.fixture

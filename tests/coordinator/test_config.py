@@ -51,7 +51,7 @@ def test_from_doc_lists_every_problem_naming_field_rule_and_value():
     assert "lease_ttl_s must be a number of seconds in 2..300 (got 'ten')" in problems
     assert any(p.startswith("workers_per_node must be an integer in 1..1024, or null") and "(got True)" in p
                for p in problems)
-    assert any(p.startswith("default_chunk_size must be an integer number of bytes in 65536..268435456")
+    assert any(p.startswith("default_chunk_size must be an integer number of bytes in 65536..67108864")
                and p.endswith("(got 4096)") for p in problems)
     assert "allowed_task_modules[1] must be '*' or a dotted module name like 'acme.etl' (got 'bad name')" in problems
     assert len(problems) == 7
@@ -387,5 +387,6 @@ def test_field_help_is_complete():
         assert not f.problems(f.default), f"{f.name}: its default breaks its own rule"
     assert set(FIELDS) == {"workers_per_node", "window", "default_chunk_size", "default_codec", "log_level",
                            "allowed_task_modules", "input_roots", "output_roots", "lease_ttl_s",
-                           "max_jobs_per_node", "max_pending_jobs", "commit_interval_s", "chunk_time_limit_s"}
+                           "max_jobs_per_node", "max_pending_jobs", "commit_interval_s", "chunk_time_limit_s",
+                           "job_retention_s"}
     assert issubclass(ConfigConflict, StoreError)

@@ -8,33 +8,12 @@ import uuid
 
 import pytest
 
-from etcd_server import EtcdServer
-from mesh.coordinator.embedded import open_embedded_store
-from mesh.coordinator.etcd import open_etcd_store
 from mesh.coordinator.errors import InvalidSpec, JobNotFound, LeaseNotFound, MeshBusy, NotOwner
 from mesh.coordinator.jobs import (
     JOB_STATES, MAX_INPUTS, MAX_PARAMS_BYTES, MAX_PATH_LENGTH, MAX_SPEC_BYTES, MAX_TASK_LENGTH, JobSpec, JobStore,
 )
 
 DOTDOT = "a path with '..' is refused: give the path without it"
-
-
-@pytest.fixture(scope="module")
-def etcd_server(tmp_path_factory):
-    """One real etcd for the module; each test works under its own prefix."""
-    with EtcdServer(tmp_path_factory.mktemp("etcd")) as etcd:
-        yield etcd
-
-
-@pytest.fixture(params=["embedded", "etcd"])
-def store(request, tmp_path):
-    """Every JobStore test on both backends: the embedded store and a real etcd."""
-    if request.param == "embedded":
-        with open_embedded_store(tmp_path / "state") as s:
-            yield s
-    else:
-        with open_etcd_store(request.getfixturevalue("etcd_server").url, timeout_s=5.0) as s:
-            yield s
 
 
 @pytest.fixture
@@ -72,7 +51,7 @@ def test_validation_lists_every_problem_at_once():
 @pytest.mark.parametrize("overrides, expected", [
     (dict(inputs="a.txt"), "not a single string (got 'a.txt')"),
     (dict(inputs=("ok", "")), "inputs[1] must be a non-empty string (got '')"),
-    (dict(chunk_size=512 * 1024 * 1024), "chunk_size must be <= 268435456 bytes (256 MiB) (got 536870912)"),
+    (dict(chunk_size=512 * 1024 * 1024), "chunk_size must be <= 67108864 bytes (64 MiB, the most a worker reads as one record) (got 536870912)"),
     (dict(chunk_size=True), "chunk_size must be an int number of bytes (got True)"),
     (dict(params={1: "x"}), "params must survive a JSON round trip"),
     (dict(params=["x"]), "params must be a JSON object (got list)"),

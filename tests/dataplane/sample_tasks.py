@@ -102,3 +102,50 @@ def crash_on_slowly(records, params):
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(float(params.get("delay_s", 0.0)))
     return records
+
+
+def _marked(records, params) -> bool:
+    marker = params["marker"].encode()
+    return any(marker in rec for rec in records)
+
+
+def huge_output_on(records, params):
+    """Records pass through; a segment holding the marker also yields one incompressible record
+    longer than the frame limit (MAX_PAYLOAD): an output no result frame can carry."""
+    from mesh.codecs.frames import MAX_PAYLOAD
+    if _marked(records, params):
+        return [*records, os.urandom(MAX_PAYLOAD + (1 << 20))]
+    return records
+
+
+def _add_n(a, b):
+    merged = {"n": a["n"] + b["n"]}
+    if "pad" in a or "pad" in b:
+        merged["pad"] = a.get("pad", "") + b.get("pad", "")
+    return merged
+
+
+@reduce_task(combine=_add_n)
+def huge_partial_on(records, params):
+    """Counts records; the partial of a segment holding the marker also carries a string longer
+    than the frame's body limit (MAX_EXTRA): a partial no result frame can carry."""
+    from mesh.codecs.frames import MAX_EXTRA
+    partial = {"n": len(records)}
+    if _marked(records, params):
+        partial["pad"] = "x" * (MAX_EXTRA + 1)
+    return partial
+
+
+def long_errors(records, params):
+    """Every record fails with an error text of `error_chars` times `char` (a control character
+    is 6 bytes of JSON): a chunk's dead letters far longer than a result frame's body."""
+    raise ValueError(params.get("char", "e") * int(params["error_chars"]))
+
+
+@reduce_task(combine=_add_n)
+def unencodable_partial_on(records, params):
+    """Counts records; the partial of a segment holding the marker holds a set, which JSON cannot."""
+    partial = {"n": len(records)}
+    if _marked(records, params):
+        partial["pad"] = {"a set"}
+    return partial

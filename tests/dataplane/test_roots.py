@@ -55,6 +55,15 @@ def pending() -> bytes:
     return json.dumps({"state": "pending", "reason": "written by the test", "updated_at": time.time()}).encode()
 
 
+def write_raw_job(mesh, job_id: str, spec_json: str | bytes) -> None:
+    """A pending job written straight to the store, around JobStore.submit (someone with write
+    access to the store): spec, state and the pending index entry daemons scan."""
+    jobs = mesh.client.jobs
+    raw = spec_json.encode() if isinstance(spec_json, str) else spec_json
+    mesh.client.store.txn([], [Put(jobs.key(job_id, "spec"), raw), Put(jobs.key(job_id, "state"), pending()),
+                               Put(jobs.pending_prefix + job_id, json.dumps({"at": time.time()}).encode())])
+
+
 def submit_around_the_client(mesh, inputs, out) -> str:
     """JobStore.submit: the spec rules hold, the client's root check is skipped."""
     spec = JobSpec(inputs=tuple(str(p) for p in inputs), task="identity", out=str(out))
@@ -150,8 +159,7 @@ def test_a_spec_written_straight_to_the_store_is_refused_by_the_daemon(mesh, tre
     job_id = "j-raw-dotdot"
     doc = json.loads(JobSpec(inputs=(str(tree / "in"),), task="identity", out=str(tree / "out" / "raw")).to_json())
     doc["inputs"] = [f"{tree}/in/../outside/secret.jsonl"]  # no validation on this path at all
-    mesh.client.store.txn([], [Put(jobs.key(job_id, "spec"), json.dumps(doc).encode()),
-                               Put(jobs.key(job_id, "state"), pending())])
+    write_raw_job(mesh, job_id, json.dumps(doc))
     reason = wait_failed(mesh, job_id)
     assert reason.startswith("invalid job spec: inputs[0]: a path with '..' is refused: give the path without it")
     assert not (tree / "out" / "raw").exists()
@@ -169,8 +177,7 @@ def test_a_resumed_jobs_stored_file_list_is_checked_under_the_roots(mesh, tree):
     with open(out / PLAN, "wb") as f:
         write_plan(f, job_id, [InputFile(index=i, path=p, size=0, encoding="none") for i, p in enumerate(files)])
     spec = JobSpec(inputs=(str(tree / "in"),), task="identity", out=str(out))
-    mesh.client.store.txn([], [Put(jobs.key(job_id, "spec"), spec.to_json().encode()),
-                               Put(jobs.key(job_id, "state"), pending())])
+    write_raw_job(mesh, job_id, spec.to_json())
     reason = wait_failed(mesh, job_id)
     assert reason.startswith(f"input {secret} is outside the input roots {tree / 'in'}")
     assert list_parts(out) == [] and sorted(os.listdir(out)) == [PLAN]

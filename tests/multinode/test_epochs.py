@@ -85,3 +85,19 @@ def test_a_zombie_owner_changes_nothing_in_the_output_after_another_daemon_finis
     changed = [name for name in before if before[name] != after[name]]
     assert not changed, f"the fenced-out owner rewrote {changed}"
     assert untagged(tmp_path / "job") == Counter((access_log_records * 4).splitlines())
+
+
+def test_a_reduce_result_bigger_than_an_etcd_request_finishes_the_job(cluster, tmp_path):
+    """`count_by` over 60,000 distinct keys: a ~2.6 MB result, over etcd's 1.5 MiB request limit
+    (the finish write used to be refused and retried forever: the job never ended). The result
+    lives in OUT/_result.json; the store keeps its size and digest."""
+    cluster.start_daemon("solo", workers=2, lease_ttl_s=LEASE_TTL_S)
+    cluster.wait_nodes({"solo"}, 60)
+    path = tmp_path / "keys.jsonl"
+    path.write_bytes(b"".join(b'{"key": "k-%06d-%s"}\n' % (i, b"x" * 24) for i in range(60_000)))
+    job = cluster.client.submit([str(path)], "count_by", {"field": "key"}, out=str(tmp_path / "out"))
+    status = job.wait(timeout_s=120)
+    assert status["state"] == "done", status
+    assert status["summary"]["result_bytes"] > 1_600_000 and "result" not in status["summary"]
+    result = job.result()
+    assert len(result) == 60_000 and set(result.values()) == {1}
