@@ -562,7 +562,9 @@ class Daemon:
                 self.log.warning("bad_node_record", key=kv.key)
         for gone in set(self.nodes) - set(records):
             self._node_gone(gone)
-        self.nodes = records
+        previous, self.nodes = self.nodes, records
+        for node_id, record in records.items():
+            self._node_changed(node_id, previous.get(node_id), record)
         self._update_peers()
 
     def _on_node_event(self, event, node_id: str) -> None:
@@ -571,11 +573,27 @@ class Daemon:
                 self._node_gone(node_id)
         else:
             try:
-                self.nodes[node_id] = orjson.loads(event.kv.value)
+                record = orjson.loads(event.kv.value)
             except orjson.JSONDecodeError:
                 self.log.warning("bad_node_record", node_id=node_id)
                 return
+            self._node_changed(node_id, self.nodes.get(node_id), record)
+            self.nodes[node_id] = record
         self._update_peers()
+
+    def _node_changed(self, node_id: str, before: dict | None, after: dict) -> None:
+        """A remote node registered again after its lease lapsed (a flap: its workers, still
+        connected, get chunks again), or now runs fewer workers (the retired ones' chunks are
+        re-sent at once, not when they time out)."""
+        if node_id == self.node_id:
+            return
+        if before is None:
+            self.dispatcher.node_back(node_id)
+            return
+        workers, was = after.get("workers"), before.get("workers")
+        if isinstance(workers, int) and isinstance(was, int) and workers < was:
+            self.log.info("node_shrank", peer=node_id, workers=workers, was=was)
+            self.dispatcher.retire_slots(node_id, workers)
 
     def _node_gone(self, node_id: str) -> None:
         if node_id != self.node_id:

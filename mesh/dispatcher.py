@@ -165,6 +165,7 @@ class Dispatcher:
         self.jobs: dict[str, JobRoute] = {}
         self.workers: dict[bytes, WorkerLink] = {}
         self.cut_off: OrderedDict[bytes, CutOff] = OrderedDict()
+        self.set_aside: OrderedDict[bytes, WorkerLink] = OrderedDict()  # links of nodes whose lease lapsed
         self.retry: deque[Assignment] = deque()
         self.peers: list[tuple[str, str | None]] = []  # (endpoint, CURVE public key)
         self.draining: frozenset[str] = frozenset()
@@ -203,8 +204,21 @@ class Dispatcher:
         self._command(("worker_retired", identity))
 
     def node_lost(self, node_id: str) -> None:
-        """A node's lease expired: every chunk its workers hold here is re-sent."""
+        """A node's lease expired: every chunk its workers hold here is re-sent, none blamed (a
+        lease can flap while the node lives). Its links are set aside, not forgotten: should
+        the node come back (`node_back`), its workers, which never say `ready` again on a live
+        connection, are offered chunks again."""
         self._command(("node_lost", node_id))
+
+    def node_back(self, node_id: str) -> None:
+        """A node lost before registered again (its lease flapped): its links set aside are
+        taken back. A link of a process that really died is dropped at its first send."""
+        self._command(("node_back", node_id))
+
+    def retire_slots(self, node_id: str, workers: int) -> None:
+        """A remote node now runs `workers` processes (its pool shrank, or it restarted with
+        fewer): links of its slots >= `workers` are gone; their chunks are re-sent, none blamed."""
+        self._command(("retire_slots", (node_id, workers)))
 
     def set_draining(self, nodes: set[str]) -> None:
         """Nodes being drained: their workers keep what they hold but get no new chunks."""
@@ -307,9 +321,27 @@ class Dispatcher:
             elif name == "worker_retired":
                 self._lose_process(arg, blame=False)
             elif name == "node_lost":
-                for identity in [i for i, link in self.workers.items() if link.node == arg]:
-                    self._lose_worker(identity)
                 self._forget_cut_off(lambda link: link.node == arg)
+                for link in [link for link in self.workers.values() if link.node == arg]:
+                    self._lose_worker(link.identity, blame=False)
+                    self.set_aside[link.identity] = link
+                while len(self.set_aside) > MAX_CUT_OFF:
+                    self.set_aside.popitem(last=False)
+            elif name == "node_back":
+                for identity, link in [(i, l) for i, l in self.set_aside.items() if l.node == arg]:
+                    del self.set_aside[identity]
+                    if identity not in self.workers:
+                        self.workers[identity] = WorkerLink(identity=identity, credits=link.window, node=link.node,
+                                                            slot=link.slot, pid=link.pid, window=link.window)
+                        self.log.info("worker_taken_back_after_flap", worker=identity, credits=link.window)
+            elif name == "retire_slots":
+                node, count = arg
+                gone = lambda link: link.node == node and link.slot >= count  # noqa: E731
+                self._forget_cut_off(gone)
+                for identity in [i for i, l in self.set_aside.items() if gone(l)]:
+                    del self.set_aside[identity]
+                for link in [link for link in self.workers.values() if gone(link)]:
+                    self._lose_worker(link.identity, blame=False)
             elif name == "set_draining":
                 self.draining = arg
             elif name == "set_task_modules":
@@ -420,6 +452,8 @@ class Dispatcher:
         for link in holders:
             self._lose_worker(link.identity, blame=link.pid != ready.pid)
         self._forget_cut_off(lambda link: (link.node, link.slot) == (ready.node, ready.slot))
+        for identity in [i for i, l in self.set_aside.items() if (l.node, l.slot) == (ready.node, ready.slot)]:
+            del self.set_aside[identity]  # the slot speaks for itself again
         self.workers[identity] = WorkerLink(identity=identity, credits=ready.credits, node=ready.node,
                                             slot=ready.slot, pid=ready.pid, window=ready.credits)
         if ready.node == self.node_id and self.peers:
