@@ -135,7 +135,7 @@ def cmd_run(args) -> int:
 
     from mesh.client import Client
     from mesh.coordinator.embedded import open_embedded_store
-    from mesh.daemon import Daemon, DaemonConfig
+    from mesh.daemon import LOCAL_BIND, Daemon, DaemonConfig
     from mesh.logs import configure_logging
     from mesh.tasks import task_module
 
@@ -146,7 +146,7 @@ def cmd_run(args) -> int:
     if (module := task_module(args.task)) is not None:  # a private mesh running its user's own task
         client.allow_task_modules(module, comment="meshctl run: the task of this one-shot job")
     daemon = Daemon(store, DaemonConfig(workers=args.workers, node_id=args.node_id or "", state_dir=state_dir,
-                                        log_level="info" if args.verbose else "warning"))
+                                        log_level="info" if args.verbose else "warning", bind=LOCAL_BIND))
     try:
         daemon.start()
         job = client.submit(args.inputs, args.task, dict(args.param), out=args.out, **_job_options(args))

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -43,6 +45,9 @@ from mesh.ratelimit import LogRateLimiter
 from mesh.security import Authenticator, CurveSettings, is_loopback, load_allowlist
 from mesh.worker import WorkerConfig
 
+# `bind` for a mesh of one host: a Unix socket in a fresh directory of mode 0700, which only the
+# daemon's user can reach (plaintext TCP on 127.0.0.1 lets any local user take a worker slot).
+LOCAL_BIND = "local"
 RETENTION_INTERVAL_S = 60.0  # how often a daemon looks for finished jobs past the retention
 RETENTION_BATCH = 16         # finished jobs deleted per control cycle while some are due
 
@@ -58,7 +63,7 @@ class DaemonConfig:
     max_jobs: int | None = None         # jobs this daemon owns at once
     log_level: str | None = None
     owner: OwnerSettings | None = None
-    bind: str = "tcp://127.0.0.1:*"
+    bind: str = "tcp://127.0.0.1:*"    # or LOCAL_BIND: one host only, a socket only our user reaches
     advertise: str | None = None        # host peers reach our dispatcher at (when bound to a wildcard)
     prefix: str = "chunkmesh/"
     state_dir: str | None = None        # config cache (default: $MESH_STATE_DIR/nodes/<node id>)
@@ -88,8 +93,14 @@ class Daemon:
         config = self.node_config.config
         self.window = _pick(cfg.window, config.window)  # credits each worker announces
         self.ctx = zmq.Context()
-        self.keys, self.authenticator = self._secure_transport(cfg)
-        self.dispatcher = Dispatcher(self.ctx, node_id=self.node_id, bind=cfg.bind, advertise=cfg.advertise,
+        self._socket_dir = tempfile.mkdtemp(prefix="chunkmesh-") if cfg.bind == LOCAL_BIND else None  # mode 0700
+        bind = f"ipc://{self._socket_dir}/dispatcher" if self._socket_dir else cfg.bind
+        if self._socket_dir:
+            self.keys, self.authenticator = None, None
+            self.log.info("transport_local", bind=bind, note="a Unix socket in a directory only this user can reach")
+        else:
+            self.keys, self.authenticator = self._secure_transport(cfg)
+        self.dispatcher = Dispatcher(self.ctx, node_id=self.node_id, bind=bind, advertise=cfg.advertise,
                                      curve=self.keys)
         self.pool = WorkerPool(
             WorkerConfig(node_id=self.node_id, slot=0, core=None, endpoint=self.dispatcher.endpoint,
@@ -273,6 +284,8 @@ class Daemon:
         if self.authenticator is not None:
             self.authenticator.stop()
         self.ctx.term()
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
         self.log.info("daemon_stopped")
 
     def apply_local(self, overrides: dict) -> threading.Event:

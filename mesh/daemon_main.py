@@ -33,7 +33,7 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
     start_forkserver()  # its preload overlaps the imports below
 
     from mesh.coordinator.connect import describe, open_store
-    from mesh.daemon import Daemon, DaemonConfig
+    from mesh.daemon import LOCAL_BIND, Daemon, DaemonConfig
     from mesh.errors import MeshError, StoreError
     from mesh.security import CurveSettings
     from mesh.logs import configure_logging, get_logger
@@ -66,7 +66,10 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
     except LocalConfigError as exc:
         print(f"meshd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    bind_url = f"tcp://{bind}:*" if bind else "tcp://127.0.0.1:*"
+    # one host with the embedded store: a socket only our user can reach; with etcd, peers on
+    # other hosts (or daemons of this one) connect over TCP
+    embedded = not describe(coordinator).startswith("etcd://")
+    bind_url = f"tcp://{bind}:*" if bind else (LOCAL_BIND if embedded and not curve_key else "tcp://127.0.0.1:*")
     if bool(curve_key) != bool(curve_allow):
         print("meshd: CURVE needs both --curve-key (this node's NAME.key_secret) and --curve-allow "
               "(the directory of allowed NAME.key files)", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Iterator
 
 from mesh.client import Client
 from mesh.coordinator.embedded import open_embedded_store
-from mesh.daemon import Daemon, DaemonConfig
+from mesh.daemon import LOCAL_BIND, Daemon, DaemonConfig
 
 
 @dataclass
@@ -37,6 +37,8 @@ def running_mesh(state_dir: str | Path, *, workers: int = 2, ready_timeout_s: fl
     if task_modules:
         Client(store=store).allow_task_modules(*task_modules, comment="mesh.testing.running_mesh")
     config.setdefault("state_dir", str(state_dir / "node"))
+    if config.get("curve") is None:
+        config.setdefault("bind", LOCAL_BIND)  # a socket only this user can reach
     daemon = Daemon(store, DaemonConfig(workers=workers, **config))
     daemon.start()
     try:

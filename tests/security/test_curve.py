@@ -104,16 +104,21 @@ def test_plaintext_on_a_network_address_needs_an_explicit_flag(tmp_path):
     assert "without CURVE keys" in done.stderr and "--insecure-bind" in done.stderr
 
 
-def test_plaintext_loopback_says_so_in_the_log(tmp_path):
+@pytest.mark.parametrize("args,event,says", [
+    ((), "transport_local", "only this user can reach"),           # the embedded default: a private socket
+    (("--bind", "127.0.0.1"), "transport_plaintext", "loopback only"),
+])
+def test_the_transport_is_said_in_the_log(tmp_path, args, event, says):
     log = tmp_path / "meshd.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "mesh.daemon_main", "--coordinator",
-                                 f"embedded://{tmp_path}/state", "--workers", "1"], stdout=out, stderr=out, env=env)
+                                 f"embedded://{tmp_path}/state", "--workers", "1", *args], stdout=out, stderr=out,
+                                env=env)
     try:
-        line = wait_until(lambda: next((l for l in log.read_text().splitlines() if "transport_plaintext" in l), None),
+        line = wait_until(lambda: next((l for l in log.read_text().splitlines() if event in l), None),
                           60, "meshd logging its transport")
-        assert "127.0.0.1" in line and "loopback only" in line
+        assert says in line
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
@@ -259,7 +264,7 @@ def _captured_job(tmp_path: Path, name: str, **mesh_config) -> bytes:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="capturing packets needs root (CI runs as root)")
 def test_records_never_cross_the_port_in_plaintext(keys, tmp_path):
-    plaintext = _captured_job(tmp_path, "plain")
+    plaintext = _captured_job(tmp_path, "plain", bind="tcp://127.0.0.1:*")  # plaintext TCP, as meshd with etcd
     assert MARKER in plaintext  # the control: the capture sees the chunks
     encrypted = _captured_job(tmp_path, "curve", node_id="n1", curve=_curve(keys))
     assert len(encrypted) > 6000 * len(MARKER)  # the chunks did cross, encrypted

@@ -69,7 +69,8 @@ def meshd(root: Path, workers: int = WORKERS):
         proc = subprocess.Popen([sys.executable, "-m", "mesh.daemon_main", "--coordinator", coordinator,
                                  "--node-id", NODE, "--workers", str(workers), "--lease-ttl", str(LEASE_TTL_S),
                                  "--log-level", "info", "--drain-timeout", "10",
-                                 "--state-dir", str(root / "state")],
+                                 "--state-dir", str(root / "state"),
+                                 "--bind", "127.0.0.1"],  # the plaintext TCP port is what is fuzzed
                                 stdout=log, stderr=subprocess.STDOUT)
     client = Client(coordinator)
     try:
