@@ -57,10 +57,21 @@ def key_of(name: str) -> tuple[int, int] | None:
     return (int(m.group(2)), int(m.group(3))) if m else None
 
 
-def _write_file(path: Path, data: bytes | memoryview, *, what: str, out: Path) -> None:
+def _temp_name(epoch: int, name: str) -> str:
+    """A temp file's name: unique, and saying which epoch's owner writes it (an owner removes
+    only older epochs' leftovers, never a newer owner's write in progress)."""
+    return f".tmp.e{epoch}.{name}.{secrets.token_hex(6)}"
+
+
+def _epoch_of_temp(name: str) -> int | None:
+    m = re.match(r"^\.tmp\.e(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def _write_file(path: Path, data: bytes | memoryview, *, what: str, out: Path, epoch: int) -> None:
     """`data` as `path`, complete or not at all: a uniquely named temp file beside it (created
     exclusively, never through a planted link), fsynced, renamed over `path`."""
-    tmp = path.parent / f".tmp.{path.name}.{secrets.token_hex(6)}"
+    tmp = path.parent / _temp_name(epoch, path.name)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
@@ -130,7 +141,7 @@ class OutputDir:
         if any(not e.name.startswith(".") for e in os.scandir(self.path)):
             raise OutputError(str(self.path), f"output directory {self.path} is not empty; "
                                               "choose another --out or remove it")
-        tmp = self.path / f".tmp.{PLAN}.{secrets.token_hex(6)}"
+        tmp = self.path / _temp_name(self.epoch, PLAN)
         try:
             try:
                 with open(tmp, "xb") as f:
@@ -164,18 +175,22 @@ class OutputDir:
     # -- an epoch's life: adopt what was committed, drop what was not --
     def start_epoch(self, committed: dict) -> set[str]:
         """Make the last commit's files visible (the previous owner may have died between its
-        commit and its renames), then delete every other epoch's pending directory and stray
-        temp files. Returns the names that older epochs had pending but never committed (work
-        done again now: `chunks_redone`)."""
+        commit and its renames), then delete the pending directories and stray temp files of
+        every OLDER epoch. A newer epoch's are never touched: an owner that lost the job may
+        reach this point after its successor started (it learns it lost at its first fenced
+        write). Returns the names that older epochs had pending but never committed (work done
+        again now: `chunks_redone`)."""
         self.finalise(committed.get("finalise") or {})
         leftover: set[str] = set()
         root = self.path / PENDING
         for entry in (os.scandir(root) if root.is_dir() else ()):
-            if entry.name != self.pending.name:
+            epoch = int(entry.name[1:]) if re.fullmatch(r"e\d+", entry.name) else None
+            if epoch is not None and epoch < self.epoch:
                 leftover.update(n for n in _names(entry.path) if key_of(n))
                 shutil.rmtree(entry.path, ignore_errors=True)
         for entry in os.scandir(self.path):
-            if entry.name.startswith(".tmp."):
+            epoch = _epoch_of_temp(entry.name)
+            if epoch is not None and epoch < self.epoch:
                 _unlink(Path(entry.path))
         try:
             self.pending.mkdir(parents=True, exist_ok=True)
@@ -186,7 +201,7 @@ class OutputDir:
     def write_pending(self, name: str, data: bytes | memoryview) -> None:
         """A pending file of this epoch. Never creates the epoch's directory: if a newer owner
         deleted it, this owner has lost the job and the write fails."""
-        _write_file(self.pending / name, data, what=f"pending {name}", out=self.path)
+        _write_file(self.pending / name, data, what=f"pending {name}", out=self.path, epoch=self.epoch)
 
     def finalise(self, record: dict) -> None:
         """Rename the files a commit record lists (`{"epoch", "names"}`) from their pending
@@ -224,7 +239,7 @@ class OutputDir:
     def write(self, name: str, data: bytes | memoryview) -> None:
         """A final file of the job (`_result.json`, `_summary.json`), written after the fenced
         final commit."""
-        _write_file(self.path / name, data, what=name, out=self.path)
+        _write_file(self.path / name, data, what=name, out=self.path, epoch=self.epoch)
         fsync_dir(self.path)
 
 

@@ -176,3 +176,30 @@ def test_a_damaged_plan_is_refused_with_a_clear_error(tmp_path):
     (tmp_path / "_plan.jsonl").write_bytes(data[: data.rindex(b"{")])  # the trailer lost
     with pytest.raises(OutputError, match="is damaged .*incomplete"):
         FrozenPlan(tmp_path / "_plan.jsonl")
+
+
+def test_an_owner_that_lost_the_job_never_deletes_a_newer_owners_pending_files(tmp_path):
+    """Seen in the chaos soak: an old epoch's owner, slow in starting, reached its clean-up after
+    its successor had started, deleted the successor's pending directory, and the healthy job
+    failed ('cannot write pending part'). An owner removes only OLDER epochs' leftovers."""
+    from mesh.outputs import OutputDir, PENDING
+    from mesh.source import InputFile
+
+    def plan():
+        return [InputFile(index=0, path="/x", size=1, encoding="none")]
+
+    newer = OutputDir(tmp_path / "out", job_id="j-1", epoch=76)
+    newer.bind(plan)
+    newer.start_epoch({})
+    newer.write_pending("part-00000000-000000000000000.zst", b"new")
+    (tmp_path / "out" / ".tmp.e76._summary.json.abc").write_bytes(b"being written")
+    late = OutputDir(tmp_path / "out", job_id="j-1", epoch=66)  # the one that lost the job, late
+    late.bind(plan)
+    late.start_epoch({})
+    assert (tmp_path / "out" / PENDING / "e76" / "part-00000000-000000000000000.zst").read_bytes() == b"new"
+    assert (tmp_path / "out" / ".tmp.e76._summary.json.abc").exists()
+    newer.write_pending("part-00000000-000000065536000.zst", b"still works")
+    latest = OutputDir(tmp_path / "out", job_id="j-1", epoch=90)
+    assert latest.start_epoch({}) == {"part-00000000-000000000000000.zst", "part-00000000-000000065536000.zst"}
+    assert sorted(os.listdir(tmp_path / "out" / PENDING)) == ["e90"]
+    assert not (tmp_path / "out" / ".tmp.e76._summary.json.abc").exists()
