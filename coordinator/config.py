@@ -203,6 +203,8 @@ SCHEMA: tuple[Field, ...] = (
     Field("commit_interval_s", "float", 0.5, (0.05, 60), "s", "how often an owner commits offsets"),
     Field("chunk_time_limit_s", "float", 600.0, (0.5, 86400), "s",
           "a worker busy longer than this on one chunk is killed; the chunk is retried, then dead-lettered"),
+    Field("poison_after_deaths", "int", 3, (1, 1000), "",
+          "worker deaths while holding one chunk before that chunk is a dead letter (a poison chunk)"),
     Field("job_retention_s", "float", 7 * 86400.0, (60, 10 * 365 * 86400), "s",
           "finished jobs' records are deleted this long after they ended (output directories are kept)",
           null="kept until meshctl jobs --prune"),
@@ -248,6 +250,7 @@ class ClusterConfig:
     max_pending_jobs: int = _d("max_pending_jobs")
     commit_interval_s: float = _d("commit_interval_s")
     chunk_time_limit_s: float = _d("chunk_time_limit_s")
+    poison_after_deaths: int = _d("poison_after_deaths")
     job_retention_s: float | None = _d("job_retention_s")
 
     def __post_init__(self) -> None:

@@ -101,7 +101,7 @@ class Daemon:
         else:
             self.keys, self.authenticator = self._secure_transport(cfg)
         self.dispatcher = Dispatcher(self.ctx, node_id=self.node_id, bind=bind, advertise=cfg.advertise,
-                                     curve=self.keys)
+                                     curve=self.keys, max_blame=config.poison_after_deaths)
         self.pool = WorkerPool(
             WorkerConfig(node_id=self.node_id, slot=0, core=None, endpoint=self.dispatcher.endpoint,
                          window=self.window, log_level=_pick(cfg.log_level, config.log_level),
@@ -525,6 +525,7 @@ class Daemon:
         if self.cfg.workers is None and config.workers_per_node != previous.workers_per_node:
             self.pool.resize(config.workers_per_node)
         self.pool.chunk_time_limit_s = config.chunk_time_limit_s
+        self.dispatcher.set_max_blame(config.poison_after_deaths)
         if config.task_module_allowlist != previous.task_module_allowlist:  # workers check it too
             self.pool.set_task_modules(config.task_module_allowlist)
             self.dispatcher.set_task_modules(config.task_module_allowlist)

@@ -210,6 +210,10 @@ class Dispatcher:
         connection, are offered chunks again."""
         self._command(("node_lost", node_id))
 
+    def set_max_blame(self, deaths: int) -> None:
+        """How many worker deaths while holding one chunk make it poison (cluster config)."""
+        self._command(("set_max_blame", deaths))
+
     def node_back(self, node_id: str) -> None:
         """A node lost before registered again (its lease flapped): its links set aside are
         taken back. A link of a process that really died is dropped at its first send."""
@@ -342,6 +346,8 @@ class Dispatcher:
                     del self.set_aside[identity]
                 for link in [link for link in self.workers.values() if gone(link)]:
                     self._lose_worker(link.identity, blame=False)
+            elif name == "set_max_blame":
+                self.max_blame = arg
             elif name == "set_draining":
                 self.draining = arg
             elif name == "set_task_modules":

@@ -43,7 +43,6 @@ SEND_POLL_MS = 100
 class OwnerSettings:
     commit_interval_s: float = 0.5
     commit_every_chunks: int = 256
-    max_poison_blame: int = 3
 
 
 @dataclass
