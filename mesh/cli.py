@@ -227,13 +227,8 @@ def _prune_jobs(args) -> int:
 
 
 def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0 (got {text!r})")
-    return value
+    from mesh.daemon_main import seconds_arg
+    return seconds_arg(text, zero_ok=True)
 
 
 def cmd_cancel(args) -> int:

@@ -148,13 +148,14 @@ def read_local_config(path: str) -> dict:
     return overrides
 
 
-def _positive_seconds(text: str) -> float:
+def seconds_arg(text: str, *, zero_ok: bool = False) -> float:
+    """An argparse type: a number of seconds, > 0 (or >= 0 with `zero_ok`); NaN is refused too."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 (got {text!r})")
+    if not (value >= 0 if zero_ok else value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds {'>=' if zero_ok else '>'} 0 (got {text!r})")
     return value
 
 
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow --bind to a network address without CURVE keys (plaintext: trusted networks only)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM, drain for at most this long before exiting (default 30)")
-    p.add_argument("--stall-timeout", type=_positive_seconds, default=60.0, metavar="SECONDS",
+    p.add_argument("--stall-timeout", type=seconds_arg, default=60.0, metavar="SECONDS",
                    help="under systemd, stop feeding the watchdog (so systemd restarts meshd) once no worker could "
                         "run, or every control cycle failed, for this long (default 60)")
     p.add_argument("--config", default=None, metavar="FILE",
