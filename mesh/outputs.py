@@ -198,6 +198,13 @@ class OutputDir:
             raise OutputError(str(self.path), f"cannot create {self.pending}: {exc.strerror}") from exc
         return leftover
 
+    def newer_epoch_started(self) -> bool:
+        """Has an owner of a newer epoch started here (its pending directory exists)? Then this
+        owner lost the job, whatever it has not yet heard from the store."""
+        root = self.path / PENDING
+        return any(re.fullmatch(r"e\d+", e.name) and int(e.name[1:]) > self.epoch
+                   for e in (os.scandir(root) if root.is_dir() else ()))
+
     def write_pending(self, name: str, data: bytes | memoryview) -> None:
         """A pending file of this epoch. Never creates the epoch's directory: if a newer owner
         deleted it, this owner has lost the job and the write fails."""

@@ -185,6 +185,8 @@ class Owner:
         previous = self.jobs.get_progress(self.job_id) or {}
         self.replay = previous.get("replay")  # set when this run is a replay (kept in the summary)
         if committed.get("rewind") is not None:  # a replay: nothing at or after its start stays visible
+            if self.out.newer_epoch_started():  # a late owner: the rewind is its successor's to apply
+                raise NotOwner(self.job_id, self.epoch)
             removed = self.out.rewind(committed["rewind"])
             self.redone_names |= removed  # replayed on purpose: work done again
             committed = {k: v for k, v in committed.items() if k not in ("rewind", "finalise")}

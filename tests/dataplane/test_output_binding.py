@@ -203,3 +203,19 @@ def test_an_owner_that_lost_the_job_never_deletes_a_newer_owners_pending_files(t
     assert latest.start_epoch({}) == {"part-00000000-000000000000000.zst", "part-00000000-000000065536000.zst"}
     assert sorted(os.listdir(tmp_path / "out" / PENDING)) == ["e90"]
     assert not (tmp_path / "out" / ".tmp.e76._summary.json.abc").exists()
+
+
+def test_a_late_replay_owner_does_not_apply_a_rewind_its_successor_applied(tmp_path):
+    """A replay's owner that lost the job before applying the rewind must not delete parts that
+    its successor has committed since: seeing a newer epoch's pending directory, it steps down."""
+    from mesh.outputs import OutputDir
+    from mesh.source import InputFile
+
+    def plan():
+        return [InputFile(index=0, path="/x", size=1, encoding="none")]
+
+    late = OutputDir(tmp_path / "out", job_id="j-1", epoch=10)
+    late.bind(plan)
+    newer = OutputDir(tmp_path / "out", job_id="j-1", epoch=20)
+    newer.start_epoch({})
+    assert late.newer_epoch_started() and not newer.newer_epoch_started()
