@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from waiting import wait_until
+
 __all__ = ["EtcdServer", "EtcdTls", "ETCD_BINARY", "free_port"]
 
 ETCD_BINARY = os.environ.get("MESH_TEST_ETCD", "/usr/bin/etcd")
@@ -218,10 +220,10 @@ class EtcdServer:
                                           stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
-        last = "no answer yet"
+        last = ["no answer yet"]
         context = self.tls.ssl_context() if self.tls else None
-        while True:
+
+        def healthy() -> bool:
             if not self.running():
                 code = self._proc.returncode if self._proc else None
                 raise RuntimeError(f"etcd exited with code {code} before becoming healthy "
@@ -229,27 +231,24 @@ class EtcdServer:
             try:
                 with urllib.request.urlopen(f"{self.client_url}/health", timeout=1.0, context=context) as response:
                     body = json.loads(response.read() or b"{}")
-                if body.get("health") == "true":
-                    return
-                last = f"/health said {body}"
             except (OSError, ValueError) as exc:  # refused, reset, 503 while electing, bad JSON
-                last = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"etcd on {self.client_url} not healthy after {self.start_timeout_s} s "
-                                   f"(last: {last}); log tail:\n{self.log_tail()}")
-            time.sleep(HEALTH_POLL_S)  # poll interval of a deadline-bounded wait
+                last[0] = f"{type(exc).__name__}: {exc}"
+                return False
+            last[0] = f"/health said {body}"
+            return body.get("health") == "true"
+
+        try:
+            wait_until(healthy, self.start_timeout_s, f"etcd on {self.client_url} healthy", poll_s=HEALTH_POLL_S)
+        except TimeoutError as exc:
+            raise RuntimeError(f"{exc} (last: {last[0]}); log tail:\n{self.log_tail()}") from None
 
     def _wait_state(self, ok, what: str, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Poll the process state in /proc (Linux) until `ok(state letter)`, or fail naming `what`."""
-        deadline = time.monotonic() + timeout_s
-        while True:
+        """Wait until the process state in /proc (Linux) satisfies `ok(state letter)`."""
+        def state() -> str:
             with open(f"/proc/{self.pid}/stat") as stat:
-                state = stat.read().rpartition(")")[2].split()[0]  # the field after "(comm)"
-            if ok(state):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"etcd pid {self.pid} not {what} after {timeout_s} s (state {state})")
-            time.sleep(0.001)  # poll interval of a deadline-bounded wait
+                return stat.read().rpartition(")")[2].split()[0]  # the field after "(comm)"
+
+        wait_until(lambda: ok(state()), timeout_s, f"etcd pid {self.pid} {what}", poll_s=0.001)
 
     def _signal(self, signum: int) -> None:
         if not self.running():

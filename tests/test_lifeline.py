@@ -10,21 +10,22 @@ import pytest
 pytestmark = pytest.mark.timeout(60)
 
 LATE_CHILD = textwrap.dedent("""
-    import os, sys, time
+    import os, select, sys, time
     from mesh.lifeline import die_with_parent
     parent = int(sys.argv[1])
-    deadline = time.monotonic() + 20
-    while os.getppid() == parent and time.monotonic() < deadline:  # wait until orphaned
-        time.sleep(0.01)
+    # the parent's exit as an event: a pidfd turns readable when it exits, after the kernel has
+    # already handed its children to a new parent (exit_notify reparents before it notifies)
+    select.select([os.pidfd_open(parent)], [], [], 20)
+    assert os.getppid() != parent, "not orphaned"
     die_with_parent(parent if sys.argv[2] == "checked" else None)
-    time.sleep(30)
+    time.sleep(30)  # not a wait: the unchecked control lives on until the test kills it
 """)
 
 PARENT = textwrap.dedent("""
     import os, subprocess, sys, time
     child = subprocess.Popen([sys.executable, "-c", sys.argv[1], str(os.getpid()), sys.argv[2]])
     print(child.pid, flush=True)
-    time.sleep(60)
+    time.sleep(60)  # not a wait: the parent lives until the test kills it
 """)
 
 

@@ -32,6 +32,7 @@ import psutil
 
 from cluster import Cluster
 from etcd_server import EtcdServer
+from waiting import wait_until
 from mesh import Client
 from mesh.coordinator.config import ConfigStore
 from mesh.coordinator.etcd import open_etcd_store
@@ -139,11 +140,8 @@ def workers_of(daemon_pid: int) -> list[psutil.Process]:
 
 def _wait_stopped(proc: psutil.Process, timeout_s: float = 10.0) -> None:
     """Signals are delivered asynchronously: return once the kernel reports the process stopped."""
-    deadline = time.monotonic() + timeout_s
-    while proc.status() != psutil.STATUS_STOPPED:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"pid {proc.pid} not stopped {timeout_s}s after SIGSTOP ({proc.status()})")
-        time.sleep(0.001)  # poll interval of a deadline-bounded wait
+    wait_until(lambda: proc.status() == psutil.STATUS_STOPPED, timeout_s, f"pid {proc.pid} stopped after SIGSTOP",
+               poll_s=0.001)
 
 
 class Chaos:

@@ -46,10 +46,9 @@ START_TIMEOUT_S = 60.0
 JOB_TIMEOUT_S = 120.0
 OWNER_ENDS = ("owner_fenced_out", "owner_step_down", "owner_crashed", "job_finished")
 # When the zombie wakes: while n2 runs the job, after n2 finished it, or while etcd is down (SIGKILLed
-# a moment before, started again ETCD_DOWN_S later: leases survive an etcd restart), so that the
-# zombie cannot learn for a while that it lost the job and acts on its backlog, poison verdict first.
+# a moment before, started again once the zombie has acted on its backlog, poison verdict first:
+# leases survive an etcd restart), so that the zombie cannot learn meanwhile that it lost the job.
 WAKE_MOMENTS = ("after_the_job_is_done", "while_the_new_owner_runs", "while_etcd_is_down")
-ETCD_DOWN_S = (1.0, 2.5)
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +141,7 @@ def test_a_zombie_owner_whose_chunk_turns_poison_while_frozen_changes_nothing(ch
     seed = chaos_seed
     wake = WAKE_MOMENTS[seed % len(WAKE_MOMENTS)]
     rng = random.Random(f"zombie-poison/{seed}")
-    late_s = rng.uniform(0.0, 2.0)  # after the new owner's first progress
-    etcd_down_s = rng.uniform(*ETCD_DOWN_S)
+    late_chunks = rng.randrange(0, 8)  # the new owner's chunks done before the zombie wakes
     out, notes = tmp_path / "out", tmp_path / "notes"
     line: dict = {"test": "zombie_poison", "seed": seed, "wake": wake, "state": "error"}
     etcd = EtcdServer(tmp_path / "etcd").start()
@@ -177,22 +175,27 @@ def test_a_zombie_owner_whose_chunk_turns_poison_while_frozen_changes_nothing(ch
             if wake == "after_the_job_is_done":
                 status = job.wait(timeout_s=JOB_TIMEOUT_S)
                 before = visible_files(out)
-            else:
-                time.sleep(late_s)  # a drawn moment in the new owner's run: the fault's timing, not a sync
+            else:  # a drawn moment in the new owner's run, counted in its chunks (not in seconds)
+                taken_over_at = progress(job).get("chunks_done", 0)
+                wait_until(lambda: job.status()["state"] != "running"
+                           or progress(job).get("chunks_done", 0) >= taken_over_at + late_chunks,
+                           JOB_TIMEOUT_S, f"{late_chunks} chunks done by the new owner", poll_s=0.02)
                 line["job_state_at_wake"] = job.status()["state"]
                 if wake == "while_etcd_is_down":
                     etcd.kill()
         finally:
             meshd.resume()
         line["frozen_s"] = round(time.monotonic() - frozen_at, 1)
-        if not etcd.running():
-            time.sleep(etcd_down_s)  # the zombie is awake and cannot reach the store: the fault itself
+        zombie_log = lambda: cluster.log("n1")[log_mark:]
+        if not etcd.running():  # etcd stays down until the awake zombie has acted on its backlog
+            down_at = time.monotonic()
+            wait_until(lambda: _verdict_handled(zombie_log(), first_epoch, poison_reference["dead"][0]),
+                       JOB_TIMEOUT_S, "the zombie acting on its poison verdict while etcd is down", poll_s=0.02)
             etcd.start()
-            line["etcd_down_s"] = round(etcd_down_s, 1)
+            line["etcd_down_s"] = round(time.monotonic() - down_at, 1)
         status = job.wait(timeout_s=JOB_TIMEOUT_S)
         line["state"], line["seconds"] = status["state"], round(time.monotonic() - started, 1)
         # the zombie wakes, learns its lease is gone, its owner thread ends, it registers again
-        zombie_log = lambda: cluster.log("n1")[log_mark:]
         wait_until(lambda: any(_events(zombie_log(), event=e, epoch=first_epoch) for e in OWNER_ENDS), 30,
                    "the zombie's owner thread ending")
         cluster.wait_nodes({"n1", "n2"}, 30)

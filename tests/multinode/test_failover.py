@@ -3,13 +3,27 @@ from __future__ import annotations
 
 import os
 import signal
-import time
+
+import orjson
 
 from cluster import job_under_way, progress, slow_job
 from mesh.outputs import iter_output, list_parts
 
 LEASE_TTL_S = 2.0
 CHUNK = 64 * 1024
+
+
+def log_events(log_text: str, event: str) -> list[dict]:
+    """The JSON log lines of a daemon that record `event`."""
+    found = []
+    for line in log_text.splitlines():
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(doc, dict) and doc.get("event") == event:
+            found.append(doc)
+    return found
 
 
 def owner_of(cluster, job) -> str:
@@ -59,8 +73,13 @@ def test_a_zombie_owner_is_fenced_out_and_steps_down(cluster, access_log_records
 def test_etcd_down_longer_than_a_lease_mid_job(cluster, access_log_records, tmp_path):
     cluster.start_nodes(("n1", "n2"), lease_ttl_s=LEASE_TTL_S)
     job, expected = job_under_way(cluster, tmp_path, access_log_records, chunks=5)
+    owner = progress(job)["owner"]
     cluster.etcd.stop()
-    time.sleep(LEASE_TTL_S * 2)  # the fault itself: etcd stays down for two lease TTLs
+    # etcd stays down until the owner itself has seen its commits fail for two lease TTLs (the data
+    # plane going on meanwhile): the fault measured by the system under test, not by a sleep here
+    cluster.wait_for(lambda: any(e.get("failing_for_s", 0) >= 2 * LEASE_TTL_S
+                                 for e in log_events(cluster.log(owner), "commit_failed_will_retry")),
+                     60, "the owner's commits failing for two lease TTLs")
     cluster.etcd.start()
     status = job.wait(timeout_s=120)
     assert status["state"] == "done", status
