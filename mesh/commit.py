@@ -35,17 +35,15 @@ class Committer:
         self.accounting.finished(spans, tally)
         self._awaiting.append((spans, names))
 
-    @property
-    def awaiting(self) -> int:
-        return len(self._awaiting)
-
     def commit(self, progress: dict) -> int:
         """One fenced commit; then what it covers becomes visible. Raises NotOwner (nothing
         written, nothing made visible) or StoreError (retry later: the names stay awaiting, and
         a commit that was applied although its answer was lost is repaired by the next one or
         by the next owner). Returns the number of files made visible."""
         watermarks = self.accounting.watermarks
-        covered = [item for item in self._awaiting if watermarks.covers(item[0])]
+        covered, waiting = [], []
+        for item in self._awaiting:
+            (covered if watermarks.covers(item[0]) else waiting).append(item)
         names = [name for _, chunk_names in covered for name in chunk_names]
         record = {"epoch": self.epoch, "names": names}
         if names:
@@ -53,6 +51,5 @@ class Committer:
         self.jobs.commit(self.job_id, self.epoch, offsets={**watermarks.to_doc(), "finalise": record},
                          progress=progress)
         self.out.finalise(record)
-        covered_ids = {id(item) for item in covered}
-        self._awaiting = [item for item in self._awaiting if id(item) not in covered_ids]
+        self._awaiting = waiting
         return len(names)

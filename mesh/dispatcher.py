@@ -126,7 +126,7 @@ class DispatcherStatistics:
     bad_frames: int
     stale_results: int
     dropped_chunks: int = 0
-    other_epoch_reports: int = 0  # results and verdicts of an epoch that no longer owns its job: dropped
+    other_epoch_reports: int = 0  # results of an epoch that no longer owns its job (or of a removed job): dropped
     results: int = 0  # results accepted (chunks done here, for every job)
     undurable_results: int = 0  # delivered to owners that acknowledge durability, not yet acknowledged
     cut_off_links: int = 0  # links cut off because their pipe was full (the peer did not read)

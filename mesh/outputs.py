@@ -40,6 +40,8 @@ SUMMARY = "_summary.json"
 RESULT = "_result.json"
 PENDING = ".pending"
 _PART = re.compile(r"^(part|dead|unreadable)-(\d{8})-(\d{15})\.(zst|json|jsonl)$")
+_EPOCH_DIR = re.compile(r"e(\d+)")          # OUT/.pending/eEPOCH
+_TEMP = re.compile(r"^\.tmp\.e(\d+)\.")     # a temp file of the owner of that epoch (_temp_name)
 _NAMES = {"part": ("part", "zst"), "partial": ("part", "json"), "dead": ("dead", "jsonl"),
           "unreadable": ("unreadable", "jsonl")}
 
@@ -61,11 +63,6 @@ def _temp_name(epoch: int, name: str) -> str:
     """A temp file's name: unique, and saying which epoch's owner writes it (an owner removes
     only older epochs' leftovers, never a newer owner's write in progress)."""
     return f".tmp.e{epoch}.{name}.{secrets.token_hex(6)}"
-
-
-def _epoch_of_temp(name: str) -> int | None:
-    m = re.match(r"^\.tmp\.e(\d+)\.", name)
-    return int(m.group(1)) if m else None
 
 
 def _write_file(path: Path, data: bytes | memoryview, *, what: str, out: Path, epoch: int) -> None:
@@ -182,15 +179,13 @@ class OutputDir:
         again now: `chunks_redone`)."""
         self.finalise(committed.get("finalise") or {})
         leftover: set[str] = set()
-        root = self.path / PENDING
-        for entry in (os.scandir(root) if root.is_dir() else ()):
-            epoch = int(entry.name[1:]) if re.fullmatch(r"e\d+", entry.name) else None
-            if epoch is not None and epoch < self.epoch:
-                leftover.update(n for n in _names(entry.path) if key_of(n))
-                shutil.rmtree(entry.path, ignore_errors=True)
+        for epoch, folder in self._pending_dirs():
+            if epoch < self.epoch:
+                leftover.update(n for n in _names(folder) if key_of(n))
+                shutil.rmtree(folder, ignore_errors=True)
         for entry in os.scandir(self.path):
-            epoch = _epoch_of_temp(entry.name)
-            if epoch is not None and epoch < self.epoch:
+            m = _TEMP.match(entry.name)
+            if m and int(m.group(1)) < self.epoch:
                 _unlink(Path(entry.path))
         try:
             self.pending.mkdir(parents=True, exist_ok=True)
@@ -201,9 +196,17 @@ class OutputDir:
     def newer_epoch_started(self) -> bool:
         """Has an owner of a newer epoch started here (its pending directory exists)? Then this
         owner lost the job, whatever it has not yet heard from the store."""
+        return any(epoch > self.epoch for epoch, _ in self._pending_dirs())
+
+    def _pending_dirs(self) -> list[tuple[int, str]]:
+        """(epoch, path) of every epoch's pending directory here."""
         root = self.path / PENDING
-        return any(re.fullmatch(r"e\d+", e.name) and int(e.name[1:]) > self.epoch
-                   for e in (os.scandir(root) if root.is_dir() else ()))
+        found = []
+        for entry in (os.scandir(root) if root.is_dir() else ()):
+            m = _EPOCH_DIR.fullmatch(entry.name)
+            if m:
+                found.append((int(m.group(1)), entry.path))
+        return found
 
     def write_pending(self, name: str, data: bytes | memoryview) -> None:
         """A pending file of this epoch. Never creates the epoch's directory: if a newer owner

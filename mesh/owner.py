@@ -12,7 +12,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import orjson
@@ -29,7 +28,7 @@ from mesh.offsets import Watermarks
 from mesh.commit import Committer
 from mesh.outputs import (MAX_RESULT_IN_STORE, RESULT, SUMMARY, OutputDir, list_parts, part_name,
                           result_reference)
-from mesh.paths import check_job_paths, checked_input_files
+from mesh.paths import check_input_files, check_job_paths, checked_input_files
 from mesh.plan import FrozenPlan
 from mesh.source import InputFailure, PlannedChunk, iter_freeze_inputs, iter_inputs, plan_chunks
 from mesh.tasks import resolve_task
@@ -77,7 +76,6 @@ class Owner:
         self.accounting = Accounting(Watermarks())
         self.committer: Committer | None = None
         self.redone_names: set[str] = set()
-        self.other_epoch_reports = 0
         self.task = None
         self.out: OutputDir | None = None
         self.files: FrozenPlan | tuple = ()  # the frozen plan, read as a stream
@@ -177,7 +175,7 @@ class Owner:
             paths = checked_input_files(iter_inputs(self.spec.inputs), self.input_roots)
             return iter_freeze_inputs(paths, self.spec.chunk_size)
 
-        self.files = self.out.bind(freeze, lambda paths: deque(checked_input_files(paths, self.input_roots), 0))
+        self.files = self.out.bind(freeze, lambda paths: check_input_files(paths, self.input_roots))
         self.plan.files = len(self.files)
         self.plan.bytes_total = self.files.bytes_total
         committed = self.jobs.get_offsets(self.job_id)
@@ -294,16 +292,6 @@ class Owner:
             self._on_poison(arg)
         return None
 
-    def _of_other_epoch(self, epoch: int) -> bool:
-        """Reports carry their epoch; one of another epoch (a late answer to an owner this
-        daemon was before it lost and re-claimed the job) is dropped and counted, never matched
-        by chunk id: chunk ids restart in every epoch."""
-        if epoch == self.epoch:
-            return False
-        self.other_epoch_reports += 1
-        self.log.info("report_of_other_epoch_dropped", report_epoch=epoch, count=self.other_epoch_reports)
-        return True
-
     def _on_input_failure(self, failure: InputFailure) -> None:
         name = self._dead_letters("unreadable", failure.key, [{"file_index": failure.file_index,
                                                                "offset": failure.offset,
@@ -313,8 +301,8 @@ class Owner:
         self._since_commit += 1
 
     def _on_result(self, identity: bytes, header, payload, body: dict) -> str | None:
-        if self._of_other_epoch(header.epoch):
-            return None
+        # Only this epoch's reports get here: the dispatcher routes a report to the route of its
+        # (job, epoch) and drops and counts any other (chunk ids restart in every epoch).
         chunk = self.planned.pop(header.chunk_id, None)
         if chunk is None:
             return None  # a duplicate: this chunk is already counted
@@ -339,8 +327,6 @@ class Owner:
         return None
 
     def _on_poison(self, assignment: Assignment) -> None:
-        if self._of_other_epoch(assignment.header.epoch):
-            return
         chunk = self.planned.pop(assignment.header.chunk_id, None)
         if chunk is None:
             return
@@ -367,9 +353,12 @@ class Owner:
         None when there is nothing to write."""
         if not entries:
             return None
+        paths: dict[int, str] = {}  # a chunk's entries name one file or a few: read each from the plan once
         for entry in entries:
             index = entry.get("file_index", -1)
-            entry["file"] = self.files[index].path if isinstance(index, int) and 0 <= index < len(self.files) else None
+            if isinstance(index, int) and 0 <= index < len(self.files) and index not in paths:
+                paths[index] = self.files[index].path
+            entry["file"] = paths.get(index) if isinstance(index, int) else None
         return self._write_pending(part_name(kind, *key), b"".join(orjson.dumps(e) + b"\n" for e in entries))
 
     def _complete(self) -> bool:
@@ -377,7 +366,7 @@ class Owner:
 
     def _progress(self) -> dict:
         doc = {**self.accounting.total().to_doc(), **self.plan.__dict__, "durable": self.accounting.durable.to_doc(),
-               "epoch": self.epoch, "owner": self.node_id, "other_epoch_reports": self.other_epoch_reports}
+               "epoch": self.epoch, "owner": self.node_id}
         if self.replay:
             doc["replay"] = self.replay
         doc["seconds"] = round(time.monotonic() - self.started, 3)

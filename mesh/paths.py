@@ -73,9 +73,9 @@ def check_job_paths(spec: JobSpec, input_roots: Sequence[str], output_roots: Seq
             _check(pattern, fixed_prefix(pattern), input_roots, real_roots, "input")
 
 
-def check_input_files(paths: Sequence[str], roots: Sequence[str]) -> Sequence[str]:
+def check_input_files(paths: Iterable[str], roots: Sequence[str]) -> Iterable[str]:
     """Raise PathNotAllowed for the first file that resolves outside `roots` (no roots:
-    anywhere); return `paths` unchanged otherwise."""
+    anywhere); return `paths` (an iterator is consumed by the check)."""
     for _ in checked_input_files(paths, roots):
         pass
     return paths

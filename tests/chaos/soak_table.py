@@ -76,7 +76,7 @@ def chaos_table(lines: list[dict]) -> list[str]:
     out += ["", f"- worker kills that hit a restarted worker: {restarted}",
             f"- epochs per job (progress seen): median {statistics.median(epochs) if epochs else '-'}, max "
             f"{max(epochs) if epochs else '-'}",
-            f"- reports of other epochs counted by owners (other_epoch_reports): "
+            f"- reports of other epochs or removed jobs dropped by the daemons alive at the end (other_epoch_reports): "
             f"{sum(line.get('other_epoch_reports') or 0 for line in lines)}",
             f"- job under chaos: median {statistics.median([l['seconds'] for l in lines if 'seconds' in l]):.1f} s; "
             f"replays: median {statistics.median(replays) if replays else 0:.1f} s",

@@ -26,5 +26,6 @@ def test_a_chunk_is_poison_after_the_configured_number_of_worker_deaths(tmp_path
         assert status["summary"]["failed_records"] == 201  # the whole (one) chunk
         wait_until(lambda: mesh.daemon.pool.statistics().restarts > restarts, 30, "the worker restarted")
         assert mesh.daemon.pool.statistics().restarts == restarts + 1, "one death was enough"
+    assert list_parts(tmp_path / "out") == []  # the one chunk is dead letters: no output record at all
     dead = list_parts(tmp_path / "out", "dead")
     assert len(dead) == 1 and b"died 1 times" in dead[0].read_bytes()

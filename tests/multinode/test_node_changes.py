@@ -18,10 +18,18 @@ def set_config(cluster, **changes) -> int:
     return configs.set(changes, expected_version=configs.get()[1], comment="test")
 
 
-def slow_input(tmp_path, records: bytes, copies: int) -> tuple[str, Counter]:
+def job_of_a_served_by_b(cluster, tmp_path, records: bytes, *, b_workers: int | None):
+    """A slow identity job owned by daemon a (1 worker), then daemon b started to serve it too
+    (`b_workers` None: the cluster config's workers_per_node). Returns (job, expected records)."""
+    cluster.start_daemon("a", workers=1, lease_ttl_s=LEASE_TTL_S)
+    cluster.wait_nodes({"a"}, 60)
     path = tmp_path / "in.jsonl"
-    path.write_bytes(records * copies)
-    return str(path), Counter((records * copies).splitlines())
+    path.write_bytes(records)
+    job = cluster.client.submit([str(path)], "sample_tasks:slow", {"delay_s": 0.3}, out=str(tmp_path / "out"),
+                                chunk_size=64 * 1024)
+    cluster.wait_for(lambda: progress(job).get("owner") == "a", 30, "a owns the job")
+    cluster.start_daemon("b", workers=b_workers, lease_ttl_s=LEASE_TTL_S)
+    return job, Counter(records.splitlines())
 
 
 def chunks_by(job, node: str) -> int:
@@ -32,13 +40,7 @@ def test_a_remote_pool_shrinking_live_strands_no_chunk(cluster, access_log_recor
     """B runs 3 workers for A's job; the cluster shrinks to 1 worker per node: B retires two of
     them with chunks of A's job in hand. A must re-send those at once (before: stuck for good)."""
     set_config(cluster, workers_per_node=3)
-    cluster.start_daemon("a", workers=1, lease_ttl_s=LEASE_TTL_S)
-    cluster.wait_nodes({"a"}, 60)
-    path, expected = slow_input(tmp_path, access_log_records, 3)
-    job = cluster.client.submit([path], "sample_tasks:slow", {"delay_s": 0.3}, out=str(tmp_path / "out"),
-                                chunk_size=64 * 1024)
-    cluster.wait_for(lambda: progress(job).get("owner") == "a", 30, "a owns the job")
-    cluster.start_daemon("b", workers=None, lease_ttl_s=LEASE_TTL_S)  # follows workers_per_node: 3
+    job, expected = job_of_a_served_by_b(cluster, tmp_path, access_log_records * 3, b_workers=None)  # b: 3
     cluster.wait_for(lambda: chunks_by(job, "b") >= 3, 60, "b's workers work for a's job")
     set_config(cluster, workers_per_node=1)
     cluster.wait_for(lambda: next(n for n in cluster.client.nodes() if n["id"] == "b")["workers"] == 1, 30,
@@ -53,13 +55,7 @@ def test_a_node_whose_lease_flapped_gets_chunks_again(cluster, access_log_record
     """B's workers serve A's job; B stalls past its lease (its node record goes: A sets B's
     workers aside, re-sending what they held) and comes back. B's workers, still connected to A,
     never say `ready` again: A must offer them chunks again (before: never, until B restarted)."""
-    cluster.start_daemon("a", workers=1, lease_ttl_s=LEASE_TTL_S)
-    cluster.wait_nodes({"a"}, 60)
-    path, expected = slow_input(tmp_path, access_log_records, 4)
-    job = cluster.client.submit([path], "sample_tasks:slow", {"delay_s": 0.3}, out=str(tmp_path / "out"),
-                                chunk_size=64 * 1024)
-    cluster.wait_for(lambda: progress(job).get("owner") == "a", 30, "a owns the job")
-    cluster.start_daemon("b", workers=1, lease_ttl_s=LEASE_TTL_S)
+    job, expected = job_of_a_served_by_b(cluster, tmp_path, access_log_records * 4, b_workers=1)
     cluster.wait_for(lambda: chunks_by(job, "b") >= 2, 60, "b's worker works for a's job")
     pid = cluster.daemons["b"].pid
     os.kill(pid, signal.SIGSTOP)  # its worker lives on, connected to a
