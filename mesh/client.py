@@ -122,11 +122,12 @@ def check_output_free(out: str) -> None:
     if job is not None:
         raise OutputError(out, already_bound_message(out, job))
     try:
-        entries = [e.name for e in os.scandir(out) if not e.name.startswith(".")]
+        with os.scandir(out) as entries:
+            first = next((e.name for e in entries if not e.name.startswith(".")), None)
     except OSError:
         return
-    if entries:
-        raise OutputError(out, f"output directory {out} is not empty (it holds {entries[0]!r}, ...); "
+    if first is not None:
+        raise OutputError(out, f"output directory {out} is not empty (it holds {first!r}, ...); "
                                "choose another --out or remove it")
 
 
