@@ -103,3 +103,18 @@ def job_under_way(cluster: Cluster, tmp_path: Path, records: bytes, *, chunks: i
 def progress(job) -> dict:
     """A running job's progress counters (owner, epoch, chunks_done, ...); {} before it starts."""
     return job.status().get("progress") or {}
+
+
+def log_events(log_text: str, **match) -> list[dict]:
+    """A daemon log's JSON lines whose fields equal `match` (e.g. event="commit_failed_will_retry")."""
+    import orjson
+
+    found = []
+    for line in log_text.splitlines():
+        try:
+            doc = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(doc, dict) and all(doc.get(k) == v for k, v in match.items()):
+            found.append(doc)
+    return found

@@ -446,7 +446,7 @@ class Chaos:
                         continue
                     later = replace(planned, offset_s=now - first_progress + DEFER_S, deferrals=planned.deferrals + 1)
                     queue = sorted([*queue, later], key=lambda p: p.offset_s)
-            time.sleep(POLL_S)
+            time.sleep(POLL_S)  # the scheduler's tick: each one polls the job and injects what is due
 
     def classify_pauses(self) -> None:
         """The outcome of each pause fault, from the epochs progress showed after it: a new epoch

@@ -21,14 +21,13 @@ import random
 import time
 from pathlib import Path
 
-import orjson
 import psutil
 import pytest
 
 from chaos_faults import LEASE_TTL_S, configure
 from chaos_outputs import (compare_output, dead_letter_names, dead_letter_places, read_parts, read_records, report,
                            visible_files)
-from cluster import Cluster, progress
+from cluster import Cluster, log_events, progress
 from etcd_server import EtcdServer
 from waiting import wait_until
 
@@ -116,23 +115,10 @@ def _newest_note(notes: Path) -> int:
     return int(max(notes.iterdir(), key=lambda p: p.stat().st_mtime_ns).name)
 
 
-def _events(log_text: str, **match) -> list[dict]:
-    """The daemon log's JSON lines whose fields equal `match`."""
-    found = []
-    for line in log_text.splitlines():
-        try:
-            doc = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if all(doc.get(k) == v for k, v in match.items()):
-            found.append(doc)
-    return found
-
-
 def _verdict_handled(log_text: str, epoch: int, dead_name: str) -> bool:
     """Did the owner of `epoch` act on the poison verdict: log it, or fail writing its dead letters?"""
     return any(e["event"] == "poison_chunk" or dead_name in str(e.get("error", ""))
-               for e in _events(log_text, epoch=epoch))
+               for e in log_events(log_text, epoch=epoch))
 
 
 @pytest.mark.timeout(int(2 * JOB_TIMEOUT_S + 3 * START_TIMEOUT_S))
@@ -196,14 +182,14 @@ def test_a_zombie_owner_whose_chunk_turns_poison_while_frozen_changes_nothing(ch
         status = job.wait(timeout_s=JOB_TIMEOUT_S)
         line["state"], line["seconds"] = status["state"], round(time.monotonic() - started, 1)
         # the zombie wakes, learns its lease is gone, its owner thread ends, it registers again
-        wait_until(lambda: any(_events(zombie_log(), event=e, epoch=first_epoch) for e in OWNER_ENDS), 30,
+        wait_until(lambda: any(log_events(zombie_log(), event=e, epoch=first_epoch) for e in OWNER_ENDS), 30,
                    "the zombie's owner thread ending")
         cluster.wait_nodes({"n1", "n2"}, 30)
         after = visible_files(out)
         woken = zombie_log()
-        line["zombie_events"] = sorted({e["event"] for e in _events(woken, epoch=first_epoch)})
+        line["zombie_events"] = sorted({e["event"] for e in log_events(woken, epoch=first_epoch)})
         line["zombie_poison_verdict"] = _verdict_handled(woken, first_epoch, poison_reference["dead"][0])
-        line["zombie_saw_last_death"] = bool(_events(woken, event="worker_died", pid=last_attempt.pid))
+        line["zombie_saw_last_death"] = bool(log_events(woken, event="worker_died", pid=last_attempt.pid))
         line["attempts"] = len(os.listdir(notes))
         comparison = compare_output(out, parts=poison_reference["parts"], records=poison_reference["records"],
                                     dead=poison_reference["dead"])

@@ -155,7 +155,6 @@ def test_a_directory_symlink_pointing_outside_the_input_root_fails_the_job(mesh,
 
 def test_a_spec_written_straight_to_the_store_is_refused_by_the_daemon(mesh, tree):
     set_roots(mesh, [tree / "in"], [tree / "out"])
-    jobs = mesh.client.jobs
     job_id = "j-raw-dotdot"
     doc = json.loads(JobSpec(inputs=(str(tree / "in"),), task="identity", out=str(tree / "out" / "raw")).to_json())
     doc["inputs"] = [f"{tree}/in/../outside/secret.jsonl"]  # no validation on this path at all
@@ -168,7 +167,6 @@ def test_a_spec_written_straight_to_the_store_is_refused_by_the_daemon(mesh, tre
 def test_a_resumed_jobs_stored_file_list_is_checked_under_the_roots(mesh, tree):
     """The frozen plan in _plan.jsonl (a resume re-lists nothing) goes through the same check."""
     set_roots(mesh, [tree / "in"], [tree / "out"])
-    jobs = mesh.client.jobs
     job_id = "j-raw-resume"
     out = tree / "out" / "resumed"
     out.mkdir()

@@ -4,26 +4,11 @@ from __future__ import annotations
 import os
 import signal
 
-import orjson
-
-from cluster import job_under_way, progress, slow_job
+from cluster import job_under_way, log_events, progress, slow_job
 from mesh.outputs import iter_output, list_parts
 
 LEASE_TTL_S = 2.0
 CHUNK = 64 * 1024
-
-
-def log_events(log_text: str, event: str) -> list[dict]:
-    """The JSON log lines of a daemon that record `event`."""
-    found = []
-    for line in log_text.splitlines():
-        try:
-            doc = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(doc, dict) and doc.get("event") == event:
-            found.append(doc)
-    return found
 
 
 def owner_of(cluster, job) -> str:
@@ -78,7 +63,7 @@ def test_etcd_down_longer_than_a_lease_mid_job(cluster, access_log_records, tmp_
     # etcd stays down until the owner itself has seen its commits fail for two lease TTLs (the data
     # plane going on meanwhile): the fault measured by the system under test, not by a sleep here
     cluster.wait_for(lambda: any(e.get("failing_for_s", 0) >= 2 * LEASE_TTL_S
-                                 for e in log_events(cluster.log(owner), "commit_failed_will_retry")),
+                                 for e in log_events(cluster.log(owner), event="commit_failed_will_retry")),
                      60, "the owner's commits failing for two lease TTLs")
     cluster.etcd.start()
     status = job.wait(timeout_s=120)
