@@ -41,7 +41,7 @@ RESULT = "_result.json"
 PENDING = ".pending"
 _PART = re.compile(r"^(part|dead|unreadable)-(\d{8})-(\d{15})\.(zst|json|jsonl)$")
 _EPOCH_DIR = re.compile(r"e(\d+)")          # OUT/.pending/eEPOCH
-_TEMP = re.compile(r"^\.tmp\.e(\d+)\.")     # a temp file of the owner of that epoch (_temp_name)
+_TEMP = re.compile(r"^\.tmp\+(.+?)\+e(\d+)\+")  # a temp file of (job, epoch)'s owner (_temp_name)
 _NAMES = {"part": ("part", "zst"), "partial": ("part", "json"), "dead": ("dead", "jsonl"),
           "unreadable": ("unreadable", "jsonl")}
 
@@ -59,16 +59,18 @@ def key_of(name: str) -> tuple[int, int] | None:
     return (int(m.group(2)), int(m.group(3))) if m else None
 
 
-def _temp_name(epoch: int, name: str) -> str:
-    """A temp file's name: unique, and saying which epoch's owner writes it (an owner removes
-    only older epochs' leftovers, never a newer owner's write in progress)."""
-    return f".tmp.e{epoch}.{name}.{secrets.token_hex(6)}"
+def _temp_name(job_id: str, epoch: int, name: str) -> str:
+    """A temp file's name: unique, and saying which job's owner of which epoch writes it. An owner
+    removes only its own job's leftovers of older epochs: never a newer owner's write in progress,
+    never another job's plan being written while two jobs race to bind the directory. ('+' is in
+    no job id.)"""
+    return f".tmp+{job_id}+e{epoch}+{name}.{secrets.token_hex(6)}"
 
 
-def _write_file(path: Path, data: bytes | memoryview, *, what: str, out: Path, epoch: int) -> None:
-    """`data` as `path`, complete or not at all: a uniquely named temp file beside it (created
+def _write_file(path: Path, data: bytes | memoryview, *, what: str, out: Path, temp: str) -> None:
+    """`data` as `path`, complete or not at all: a temp file `temp` beside it (created
     exclusively, never through a planted link), fsynced, renamed over `path`."""
-    tmp = path.parent / _temp_name(epoch, path.name)
+    tmp = path.parent / temp
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         try:
@@ -138,7 +140,7 @@ class OutputDir:
         if any(not e.name.startswith(".") for e in os.scandir(self.path)):
             raise OutputError(str(self.path), f"output directory {self.path} is not empty; "
                                               "choose another --out or remove it")
-        tmp = self.path / _temp_name(self.epoch, PLAN)
+        tmp = self.path / _temp_name(self.job_id, self.epoch, PLAN)
         try:
             try:
                 with open(tmp, "xb") as f:
@@ -185,7 +187,7 @@ class OutputDir:
                 shutil.rmtree(folder, ignore_errors=True)
         for entry in os.scandir(self.path):
             m = _TEMP.match(entry.name)
-            if m and int(m.group(1)) < self.epoch:
+            if m and m.group(1) == self.job_id and int(m.group(2)) < self.epoch:
                 _unlink(Path(entry.path))
         try:
             self.pending.mkdir(parents=True, exist_ok=True)
@@ -211,7 +213,8 @@ class OutputDir:
     def write_pending(self, name: str, data: bytes | memoryview) -> None:
         """A pending file of this epoch. Never creates the epoch's directory: if a newer owner
         deleted it, this owner has lost the job and the write fails."""
-        _write_file(self.pending / name, data, what=f"pending {name}", out=self.path, epoch=self.epoch)
+        _write_file(self.pending / name, data, what=f"pending {name}", out=self.path,
+                    temp=_temp_name(self.job_id, self.epoch, name))
 
     def finalise(self, record: dict) -> None:
         """Rename the files a commit record lists (`{"epoch", "names"}`) from their pending
@@ -249,7 +252,7 @@ class OutputDir:
     def write(self, name: str, data: bytes | memoryview) -> None:
         """A final file of the job (`_result.json`, `_summary.json`), written after the fenced
         final commit."""
-        _write_file(self.path / name, data, what=name, out=self.path, epoch=self.epoch)
+        _write_file(self.path / name, data, what=name, out=self.path, temp=_temp_name(self.job_id, self.epoch, name))
         fsync_dir(self.path)
 
 

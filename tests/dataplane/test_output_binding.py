@@ -192,17 +192,17 @@ def test_an_owner_that_lost_the_job_never_deletes_a_newer_owners_pending_files(t
     newer.bind(plan)
     newer.start_epoch({})
     newer.write_pending("part-00000000-000000000000000.zst", b"new")
-    (tmp_path / "out" / ".tmp.e76._summary.json.abc").write_bytes(b"being written")
+    (tmp_path / "out" / ".tmp+j-1+e76+_summary.json.abc").write_bytes(b"being written")
     late = OutputDir(tmp_path / "out", job_id="j-1", epoch=66)  # the one that lost the job, late
     late.bind(plan)
     late.start_epoch({})
     assert (tmp_path / "out" / PENDING / "e76" / "part-00000000-000000000000000.zst").read_bytes() == b"new"
-    assert (tmp_path / "out" / ".tmp.e76._summary.json.abc").exists()
+    assert (tmp_path / "out" / ".tmp+j-1+e76+_summary.json.abc").exists()
     newer.write_pending("part-00000000-000000065536000.zst", b"still works")
     latest = OutputDir(tmp_path / "out", job_id="j-1", epoch=90)
     assert latest.start_epoch({}) == {"part-00000000-000000000000000.zst", "part-00000000-000000065536000.zst"}
     assert sorted(os.listdir(tmp_path / "out" / PENDING)) == ["e90"]
-    assert not (tmp_path / "out" / ".tmp.e76._summary.json.abc").exists()
+    assert not (tmp_path / "out" / ".tmp+j-1+e76+_summary.json.abc").exists()
 
 
 def test_a_late_replay_owner_does_not_apply_a_rewind_its_successor_applied(tmp_path):
@@ -219,3 +219,26 @@ def test_a_late_replay_owner_does_not_apply_a_rewind_its_successor_applied(tmp_p
     newer = OutputDir(tmp_path / "out", job_id="j-1", epoch=20)
     newer.start_epoch({})
     assert late.newer_epoch_started() and not newer.newer_epoch_started()
+
+
+def test_the_winner_of_a_race_to_bind_leaves_the_losers_temp_plan_alone(tmp_path):
+    """Seen in a full run: two jobs raced to bind one directory; the winner, of a higher epoch,
+    removed the loser's half-written plan as an "older epoch's" temp file, and the loser failed
+    with 'No such file or directory' instead of the message naming the job that holds the
+    directory. Epochs of different jobs are unrelated: an owner removes only its own job's."""
+    from mesh.errors import OutputError
+    from mesh.outputs import OutputDir, _temp_name
+    from mesh.source import InputFile
+
+    def plan():
+        return [InputFile(index=0, path="/x", size=1, encoding="none")]
+
+    (tmp_path / "out").mkdir()
+    losers_temp = tmp_path / "out" / _temp_name("j-b", 3, "_plan.jsonl")
+    losers_temp.write_bytes(b"being written")
+    winner = OutputDir(tmp_path / "out", job_id="j-a", epoch=9)
+    winner.bind(plan)
+    winner.start_epoch({})
+    assert losers_temp.exists()
+    with pytest.raises(OutputError, match="already holds the output of job j-a"):
+        OutputDir(tmp_path / "out", job_id="j-b", epoch=3).bind(plan)
