@@ -450,7 +450,13 @@ class CorpusInfo:
     seed: int = 0
 
 
-SHAPES = ("demo", "small", "big", "plain", "tiny")
+SHAPES = ("demo", "small", "big", "plain", "tiny", "one-gz", "one-zst")
+
+# one-gz / one-zst: ONE file of >= 1 GiB decompressed at scale 1 (scaled by bytes)
+ONE_FILE_BYTES = 1 << 30
+ONE_BASE_RECORDS = 1 << 16      # the block generated once (~14.6 MB, ~34 minutes of log)
+ONE_GZIP_LEVEL = 2              # isal's levels are 0-3: a moderate one
+ONE_ZSTD_FRAME_BYTES = 4 << 20  # decompressed bytes per zstd frame, cut at any byte
 
 TINY_FILES = 1_000_000        # at scale 1
 TINY_FILES_PER_DIR = 1000
@@ -512,6 +518,8 @@ def _plan(shape: str, scale: float) -> list[tuple[str, int]]:
         return [(f"part-{i:05d}.jsonl", recs(250_000)) for i in range(4)]
     if shape == "tiny":
         raise ValueError("the tiny shape is written by _write_tiny, not from a plan")
+    if shape in ("one-gz", "one-zst"):
+        raise ValueError(f"the {shape} shape is written by _write_one, not from a plan")
     raise ValueError(f"unknown shape {shape!r}; expected one of {', '.join(SHAPES)}")
 
 
@@ -582,6 +590,66 @@ def _write_tiny(out: Path, seed: int, scale: float) -> CorpusInfo:
                       bytes_on_disk=disk, shape="tiny", seed=seed)
 
 
+def _one_blocks(seed: int, total: int) -> Iterator[bytes]:
+    """`total` bytes (rounded up to the end of a record) of records made fast: one block of
+    ONE_BASE_RECORDS records is generated once (all in the first day, from 00:00), then repeated
+    with its date moved one day on per repetition (one bytes.replace), so timestamps keep
+    increasing and every repetition is valid, realistic JSON."""
+    gen = LogGenerator(Random(seed))
+    base = gen.block(ONE_BASE_RECORDS)
+    day0 = DEFAULT_START.strftime('"ts":"%Y-%m-%dT').encode()
+    last = datetime.fromtimestamp(gen.last_ms / 1000, timezone.utc)
+    if last.date() != DEFAULT_START.date() or base.count(day0) != ONE_BASE_RECORDS:
+        raise AssertionError("the base block must lie within its first day")  # cannot happen with the pools above
+    done, rep = 0, 0
+    while done < total:
+        day = (DEFAULT_START + timedelta(days=rep)).strftime('"ts":"%Y-%m-%dT').encode()
+        blk = base if rep == 0 else base.replace(day0, day)
+        rep += 1
+        if done + len(blk) > total:
+            blk = blk[:blk.index(b"\n", total - done - 1) + 1]
+        done += len(blk)
+        yield blk
+
+
+def _write_one(out: Path, shape: str, seed: int, scale: float) -> CorpusInfo:
+    """ONE file of about ONE_FILE_BYTES x scale decompressed (at least one record).
+
+    * one-gz: `part-00000.jsonl.gz`, a single gzip member, written by isal (level ONE_GZIP_LEVEL,
+      mtime 0, no name).
+    * one-zst: `part-00000.jsonl.zst`, independent zstd frames of ONE_ZSTD_FRAME_BYTES
+      decompressed each (the last one shorter), each with its content size and checksum (level
+      ZSTD_LEVEL), concatenated. Frames are cut at byte positions, not at line ends: lines cross
+      frame boundaries, as in pzstd's output.
+    """
+    total = max(1, round(ONE_FILE_BYTES * scale))
+    path = out / ("part-00000.jsonl.gz" if shape == "one-gz" else "part-00000.jsonl.zst")
+    records = size = 0
+    with open(path, "wb", buffering=0) as raw:
+        if shape == "one-gz":
+            from isal import igzip
+            with igzip.IGzipFile(filename="", mode="wb", fileobj=raw, compresslevel=ONE_GZIP_LEVEL, mtime=0) as gz:
+                for blk in _one_blocks(seed, total):
+                    gz.write(blk)
+                    records += blk.count(b"\n")
+                    size += len(blk)
+        else:
+            import zstandard
+            cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True, write_checksum=True)
+            pending = b""
+            for blk in _one_blocks(seed, total):
+                records += blk.count(b"\n")
+                size += len(blk)
+                pending += blk
+                while len(pending) >= ONE_ZSTD_FRAME_BYTES:
+                    raw.write(cctx.compress(pending[:ONE_ZSTD_FRAME_BYTES]))
+                    pending = pending[ONE_ZSTD_FRAME_BYTES:]
+            if pending:
+                raw.write(cctx.compress(pending))
+    return CorpusInfo(files=[path], records=records, bytes_uncompressed=size, bytes_on_disk=path.stat().st_size,
+                      shape=shape, seed=seed)
+
+
 def write_corpus(out_dir: str | os.PathLike, shape: str, *, seed: int = 7,
                  scale: float = 1.0) -> CorpusInfo:
     """Write a corpus of the given shape under ``out_dir`` (created if needed;
@@ -600,6 +668,9 @@ def write_corpus(out_dir: str | os.PathLike, shape: str, *, seed: int = 7,
     * ``plain``: 4 .jsonl files of 250,000 records (records scaled).
     * ``tiny``: 1,000,000 files of 1-3 records (count scaled, at least 1), 1,000 per folder
       dir-0000/, dir-0001/, ...; plain .jsonl, 1 in 100 .jsonl.gz.
+    * ``one-gz``: ONE single-member .jsonl.gz of 1 GiB decompressed (bytes scaled).
+    * ``one-zst``: ONE .jsonl.zst of 1 GiB decompressed (bytes scaled), made of independent
+      4 MiB frames cut at arbitrary bytes (see `_write_one`).
 
     Timestamps keep increasing across files in sorted path order.
     """
@@ -611,6 +682,9 @@ def write_corpus(out_dir: str | os.PathLike, shape: str, *, seed: int = 7,
     if shape == "tiny":
         out.mkdir(parents=True, exist_ok=True)
         return _write_tiny(out, seed, scale)
+    if shape in ("one-gz", "one-zst"):
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_one(out, shape, seed, scale)
     plan = _plan(shape, scale)
     out.mkdir(parents=True, exist_ok=True)
     gen = LogGenerator(Random(seed))

@@ -1,10 +1,11 @@
 """chunkmesh (`meshctl run`, one worker per core) next to the plain single-process loop, same
 corpus, same task, alternating runs in one session; medians of N.
 
-    python -m bench.ratio CORPUS_DIR [--runs 3] [--task jsonl --param where=status>=400 ...]
+    python -m bench.ratio CORPUS_DIR [--runs 3] [--workers N] [--task jsonl --param where=status>=400 ...]
 
 Reports records/s of each, the job-only and end-to-end (start-up included) parallel efficiency
-= mesh throughput / (cores x plain throughput). The machines here are noisy: read the medians.
+= mesh throughput / (workers x plain throughput); workers default to the cores. The machines here
+are noisy: read the medians.
 """
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--task", default="jsonl")
     p.add_argument("--param", action="append", default=None)
+    p.add_argument("--workers", type=int, default=None, help="meshctl run --workers (default: the cores)")
     args = p.parse_args(argv)
     params = args.param or DEFAULT_PARAMS
-    cores = len(available_cores())
+    cores = args.workers or len(available_cores())
     plain, job, wall = [], [], []
     records = 0
     for _ in range(args.runs):
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         job.append(records / seconds)
         wall.append(records / w)
     med = statistics.median
-    print(f"corpus {args.corpus}: {records:,} records, task {args.task} {' '.join(params)}, {cores} cores, "
+    print(f"corpus {args.corpus}: {records:,} records, task {args.task} {' '.join(params)}, {cores} workers, "
           f"{args.runs} runs (median, min-max)")
     for name, xs in (("plain loop", plain), ("meshctl run, job", job), ("meshctl run, end to end", wall)):
         print(f"  {name:26s} {med(xs):>10,.0f} records/s  ({min(xs):,.0f}-{max(xs):,.0f})")

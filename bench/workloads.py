@@ -28,6 +28,8 @@ class Workload:
     note: str = ""
 
 
+ONE_FILE_RUNNERS = ("plain", "chunkmesh_run", "chunkmesh_submit", "pool_chunks")
+
 WORKLOADS = {w.name: w for w in [
     Workload("small-etl", "small", "etl", *ETL, note="many small .gz files (20,000 x 50 records at scale 1)"),
     Workload("small-reduce", "small", "reduce", *REDUCE),
@@ -38,6 +40,12 @@ WORKLOADS = {w.name: w for w in [
              note="memory: 4x the big input; chunkmesh's peak memory must not grow"),
     Workload("tiny-null", "tiny", "null", *NULL, runners=("plain", "chunkmesh_run", "pool_files"),
              note="liveness and bounds: 1,000,000 files of 1-3 records at scale 1, count lines"),
+    # ONE big file: Pool over files cannot split it (pool_files would be the plain loop in a
+    # child); pool_chunks can (its parent reads and decompresses, its children run the task).
+    Workload("one-gz", "one-gz", "etl", *ETL, runners=ONE_FILE_RUNNERS,
+             note="ONE single-member .gz, 1 GiB decompressed at scale 1"),
+    Workload("one-zst", "one-zst", "etl", *ETL, runners=ONE_FILE_RUNNERS,
+             note="ONE .zst of independent 4 MiB frames (lines cross frames), 1 GiB decompressed at scale 1"),
 ]}
 # tiny-null is run on request (`--workloads tiny-null`): at scale 1 its corpus alone is a million
 # files (minutes to write once) and its runs take minutes each.

@@ -197,6 +197,10 @@ SCHEMA: tuple[Field, ...] = (
           "directories jobs may read inputs from, symlinks resolved (CLI: comma-separated; empty: anywhere)"),
     Field("output_roots", "paths", (), None, "",
           "directories jobs may write output under, symlinks resolved (CLI: comma-separated; empty: anywhere)"),
+    Field("shared_roots", "paths", (), None, "",
+          "directories every node mounts at the same path: workers of any node read inputs and write output "
+          "there themselves (CLI: comma-separated; empty: none; other paths are read by their own node, "
+          "which ships the bytes)"),
     Field("lease_ttl_s", "float", 10.0, (2, 300), "s", "node and owner lease TTL"),
     Field("max_jobs_per_node", "int", 4, (1, 64), "", "jobs one meshd owns at once"),
     Field("max_pending_jobs", "int", 1000, (1, 1_000_000), "", "pending jobs before submit says busy"),
@@ -245,6 +249,7 @@ class ClusterConfig:
     allowed_task_modules: tuple[str, ...] = _d("allowed_task_modules")
     input_roots: tuple[str, ...] = _d("input_roots")
     output_roots: tuple[str, ...] = _d("output_roots")
+    shared_roots: tuple[str, ...] = _d("shared_roots")
     lease_ttl_s: float = _d("lease_ttl_s")
     max_jobs_per_node: int = _d("max_jobs_per_node")
     max_pending_jobs: int = _d("max_pending_jobs")

@@ -23,6 +23,7 @@ class Tally:
     chunks_done: int = 0
     chunks_redone: int = 0   # chunks whose part already existed: work done again after a fault
     task_cpu_us: int = 0     # CPU inside the task itself, summed over workers (the rest is mesh overhead)
+    decode_cpu_us: int = 0   # CPU of workers reading, decompressing and line-aligning inputs
     nodes: dict = field(default_factory=dict)
 
     def add(self, other: "Tally") -> None:

@@ -89,6 +89,7 @@ class Daemon:
         self.log = get_logger("mesh.daemon").bind(node=self.node_id)
         state_dir = Path(cfg.state_dir) if cfg.state_dir else default_state_dir() / "nodes" / self.node_id
         self.node_config = NodeConfig(store, cfg.prefix, state_dir / "config.json", log=self.log)
+        self.index_dir = str(state_dir / "gzip-index")  # gzip indexes of big .gz inputs, by file identity
         self.config_source = self.node_config.load_initial()
         config = self.node_config.config
         self.window = _pick(cfg.window, config.window)  # credits each worker announces
@@ -106,7 +107,7 @@ class Daemon:
             WorkerConfig(node_id=self.node_id, slot=0, core=None, endpoint=self.dispatcher.endpoint,
                          window=self.window, log_level=_pick(cfg.log_level, config.log_level),
                          curve_key=cfg.curve.key_file if cfg.curve else None,
-                         allowed_task_modules=config.task_module_allowlist),
+                         allowed_task_modules=config.task_module_allowlist, shared_roots=config.shared_roots),
             workers=_pick(cfg.workers, config.workers_per_node), chunk_time_limit_s=config.chunk_time_limit_s,
             on_lost=self.dispatcher.worker_lost, on_retired=self.dispatcher.worker_retired)
         self.owners: dict[str, Owner] = {}
@@ -526,9 +527,10 @@ class Daemon:
             self.pool.resize(config.workers_per_node)
         self.pool.chunk_time_limit_s = config.chunk_time_limit_s
         self.dispatcher.set_max_blame(config.poison_after_deaths)
-        if config.task_module_allowlist != previous.task_module_allowlist:  # workers check it too
-            self.pool.set_task_modules(config.task_module_allowlist)
-            self.dispatcher.set_task_modules(config.task_module_allowlist)
+        if (config.task_module_allowlist, config.shared_roots) != (previous.task_module_allowlist,
+                                                                   previous.shared_roots):  # workers check them too
+            self.pool.set_task_modules(config.task_module_allowlist, config.shared_roots)
+            self.dispatcher.set_task_modules(config.task_module_allowlist, config.shared_roots)
         if self.cfg.log_level is None and config.log_level != previous.log_level:
             configure_logging(config.log_level)
         self._record_dirty.set()  # peers and `meshctl config status` see the version we run
@@ -698,7 +700,8 @@ class Daemon:
                       node_id=self.node_id, on_exit=self._owner_exited,
                       settings=_pick(self.cfg.owner, OwnerSettings(commit_interval_s=config.commit_interval_s)),
                       allowed_modules=config.task_module_allowlist,
-                      input_roots=config.input_roots, output_roots=config.output_roots)
+                      input_roots=config.input_roots, output_roots=config.output_roots,
+                      shared_roots=config.shared_roots, index_dir=self.index_dir)
         with self._owners_lock:
             self.owners[job_id] = owner
             del self._claims[job_id]

@@ -45,9 +45,11 @@ import psutil
 import zmq
 
 from mesh import protocol
+from mesh.chunks import FLAG_LOCAL_ONLY, MAX_RECORD_BYTES, decode_descriptor, encode_descriptor
 from mesh.codecs import frames
 from mesh.codecs.errors import FrameError
 from mesh.codecs.frames import Header, Kind
+from mesh.shipping import ship_reads
 from mesh.security import Keypair, secure_server
 from mesh.ratelimit import LogRateLimiter
 from mesh.logs import get_logger
@@ -58,6 +60,7 @@ ROUTER_SNDHWM = 32  # messages waiting for one connection: a reading worker has 
 READMIT_CREDITS = (ROUTER_SNDHWM - 8) // 2  # a link taken back after a cut-off: its pipe holds 2x this + controls
 MAX_RECV_BATCH = 256
 MAX_NEED_JOB = 3  # need_job answers to one chunk on one link; one more and the link is dropped
+MAX_LOCAL_WAIT = 16  # chunks only our own workers can read, pulled and waiting for one of them
 MAX_CUT_OFF = 256  # links cut off and remembered (to take them back once they read); the oldest go first
 
 
@@ -131,6 +134,7 @@ class DispatcherStatistics:
     undurable_results: int = 0  # delivered to owners that acknowledge durability, not yet acknowledged
     cut_off_links: int = 0  # links cut off because their pipe was full (the peer did not read)
     job_resends: int = 0  # job messages sent again on a worker's need_job
+    shipped_bytes: int = 0  # raw input bytes this node shipped to other nodes' workers (source role)
 
 
 class Dispatcher:
@@ -167,6 +171,7 @@ class Dispatcher:
         self.cut_off: OrderedDict[bytes, CutOff] = OrderedDict()
         self.set_aside: OrderedDict[bytes, WorkerLink] = OrderedDict()  # links of nodes whose lease lapsed
         self.retry: deque[Assignment] = deque()
+        self.local_wait: deque[Assignment] = deque()  # chunks only our own workers can read (mesh.chunks)
         self.peers: list[tuple[str, str | None]] = []  # (endpoint, CURVE public key)
         self.draining: frozenset[str] = frozenset()
         self._stats = DispatcherStatistics(0, 0, 0, 0, 0, 0, 0, 0)
@@ -233,10 +238,11 @@ class Dispatcher:
         workers serve them too (peer to peer)."""
         self._command(("set_peers", sorted(peers)))
 
-    def set_task_modules(self, modules: tuple[str, ...] | None) -> None:
-        """The cluster's task allowlist changed: our own workers enforce it too (a remote owner,
-        whatever its config says, cannot make them import anything else)."""
-        self._command(("set_task_modules", modules))
+    def set_task_modules(self, modules: tuple[str, ...] | None, shared_roots: tuple[str, ...] = ()) -> None:
+        """The cluster's task allowlist or shared roots changed: our own workers enforce them too
+        (a remote owner, whatever its config says, cannot make them import, read or write
+        anything else)."""
+        self._command(("set_task_modules", (modules, tuple(shared_roots))))
 
     def statistics(self) -> DispatcherStatistics:
         return self._stats
@@ -275,7 +281,7 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 self._apply_commands()
-                intake_open = self._free_credits() > 0 and not self.retry
+                intake_open = self._free_credits() > 0 and not self.retry and not self._local_wait_full()
                 if intake_open:
                     poller.register(self.intake, zmq.POLLIN)
                 events = dict(poller.poll(200))
@@ -351,7 +357,9 @@ class Dispatcher:
             elif name == "set_draining":
                 self.draining = arg
             elif name == "set_task_modules":
-                message = protocol.control("allow", modules=None if arg is None else list(arg))
+                modules, shared_roots = arg
+                message = protocol.control("allow", modules=None if modules is None else list(modules),
+                                           shared_roots=list(shared_roots))
                 for link in self.workers.values():
                     if link.node == self.node_id:
                         self._send_control(link.identity, message)
@@ -375,6 +383,7 @@ class Dispatcher:
         for link in self.workers.values():
             link.known_jobs &= routed
         self.retry = deque(a for a in self.retry if self._current(a.header))
+        self.local_wait = deque(a for a in self.local_wait if self._current(a.header))
 
     def _credit_back(self, link: WorkerLink) -> None:
         if self.workers.get(link.identity) is link:  # not lost, nor cut off and taken back since
@@ -577,10 +586,22 @@ class Dispatcher:
         self._stats.resent_chunks += len(held)
         self.log.info("worker_lost", worker=identity, chunks_resent=len(held))
 
+    def _local_wait_full(self) -> bool:
+        """Chunks only our own workers can read are waiting for them: pull no more until they
+        are taken (remote workers would only park more of them)."""
+        return len(self.local_wait) >= MAX_LOCAL_WAIT
+
     def _pump(self) -> None:
         while True:
+            while self.local_wait:  # chunks only our own workers can read go first to them
+                local = self._pick_worker(local=True)
+                if local is None:
+                    break
+                waiting = self.local_wait.popleft()
+                if self._current(waiting.header):
+                    self._send(local, waiting)
             link = self._pick_worker()
-            if link is None:
+            if link is None or (self._local_wait_full() and link.node != self.node_id):
                 return
             if self.retry:
                 assignment = self._resend(self.retry.popleft())
@@ -595,15 +616,34 @@ class Dispatcher:
                     # add_job is queued before the job's source starts pushing: apply it now,
                     # or the job's first chunks would be taken for a removed job's
                     self._apply_commands()
-            if self._current(assignment.header):
-                self._send(link, assignment)
-            else:
+            if not self._current(assignment.header):
                 self._stats.dropped_chunks += 1  # the job was removed (cancelled, finished, failed)
+            elif link.node == self.node_id or not assignment.header.flags:
+                self._send(link, assignment)
+            elif assignment.header.flags & FLAG_LOCAL_ONLY:
+                self.local_wait.append(assignment)
+            else:
+                self._send(link, self._shipped(assignment))
 
-    def _pick_worker(self) -> WorkerLink | None:
+    def _shipped(self, assignment: Assignment) -> Assignment:
+        """The chunk with its files' raw bytes, for a worker of another node that cannot read
+        them (`mesh.shipping`); sent lz4-compressed. Read here, in the dispatcher thread: one
+        chunk's bytes, only for remote links."""
+        key, reads = decode_descriptor(assignment.header.extra)
+        reads, payload = ship_reads(reads, MAX_RECORD_BYTES)
+        h = assignment.header
+        header, body = frames.encode(Kind.CHUNK, job_id=h.job_id, epoch=h.epoch, chunk_id=h.chunk_id,
+                                     attempt=h.attempt, payload=payload, codec="lz4",
+                                     extra=encode_descriptor(key, reads))
+        self._stats.shipped_bytes += len(payload)
+        return Assignment(header=frames.decode_header(header), parts=[header, body],
+                          blame=assignment.blame, reason=assignment.reason)
+
+    def _pick_worker(self, local: bool = False) -> WorkerLink | None:
         best = None
         for link in self.workers.values():
-            if link.credits > 0 and link.node not in self.draining and (best is None or link.credits > best.credits):
+            if (link.credits > 0 and link.node not in self.draining and (not local or link.node == self.node_id)
+                    and (best is None or link.credits > best.credits)):
                 best = link
         return best
 

@@ -44,7 +44,10 @@ class ChunkOutcome:
     dead_letters: list[dict] = field(default_factory=list)
     job_error: str | None = None
     task_cpu_us: int = 0  # CPU time inside the task's own code: the rest of a mesh's CPU is its overhead
+    decode_cpu_us: int = 0  # CPU time reading, decompressing and line-aligning the input
     unreadable_segments: int = 0  # segments that could not be decoded (each one failed record)
+    output_pieces: list[bytes] = field(default_factory=list)  # the part: pieces of one zstd frame, in order
+    unreadable: list[dict] = field(default_factory=list)  # input that could not be read (descriptor chunks)
 
     def meta(self) -> dict:
         """What travels in the result frame's `extra` (the output bytes travel as payload)."""
@@ -57,6 +60,8 @@ class ChunkOutcome:
             "dead_letters": self.dead_letters,
             "job_error": self.job_error,
             "task_cpu_us": self.task_cpu_us,
+            "decode_cpu_us": self.decode_cpu_us,
+            "unreadable": self.unreadable,
         }
 
 
@@ -75,32 +80,36 @@ class _DeadLetters:
     entries and MAX_DEAD_LETTER_BYTES_PER_CHUNK bytes of JSON; `close` adds one entry counting the
     failed records that did not fit. Every failed record is counted in `failed_records`."""
 
-    def __init__(self, outcome: ChunkOutcome):
+    def __init__(self, outcome: ChunkOutcome, entries: list | None = None):
         self.outcome = outcome
+        self.entries = outcome.dead_letters if entries is None else entries  # where they go
         self.nbytes = 0  # JSON bytes of the entries kept
         self.dropped = 0  # failed records left out: the entries kept are the first ones
-        self.first_dropped = (0, 0)  # (file_index, offset) of the first one left out
+        self.first_dropped = (0, 0, None)  # (file_index, offset, path) of the first one left out
 
-    def add(self, file_index: int, offset: int, error: str, record: bytes = b"") -> None:
+    def add(self, file_index: int, offset: int, error: str, record: bytes = b"", path: str | None = None) -> None:
         self.outcome.failed_records += 1
-        if not self.dropped and len(self.outcome.dead_letters) < MAX_DEAD_LETTERS_PER_CHUNK:
+        if not self.dropped and len(self.entries) < MAX_DEAD_LETTERS_PER_CHUNK:
             entry = {"file_index": file_index, "offset": offset, "error": _cut(error),
                      "record": record[:MAX_DEAD_RECORD_BYTES].decode("utf-8", "replace")}
+            if path is not None:
+                entry["file"] = path
             size = len(orjson.dumps(entry)) + 1
             if self.nbytes + size <= MAX_DEAD_LETTER_BYTES_PER_CHUNK:
-                self.outcome.dead_letters.append(entry)
+                self.entries.append(entry)
                 self.nbytes += size
                 return
         if not self.dropped:
-            self.first_dropped = (file_index, offset)
+            self.first_dropped = (file_index, offset, path)
         self.dropped += 1
 
     def close(self) -> None:
         """Add the summary entry of the dead letters left out, if any (it is always kept)."""
         dropped = self.dropped
         if dropped:
-            file_index, offset = self.first_dropped
-            self.outcome.dead_letters.append({
+            file_index, offset, path = self.first_dropped
+            self.entries.append({
+                **({"file": path} if path is not None else {}),
                 "file_index": file_index, "offset": offset, "record": "",
                 "error": f"{dropped} more dead letters of this chunk were dropped, the first at this offset: "
                          f"a result carries at most {MAX_DEAD_LETTERS_PER_CHUNK} dead letters and "
@@ -182,12 +191,13 @@ def failed_chunk(outcome: ChunkOutcome, segments: Sequence, error: str) -> Chunk
     """The outcome of a chunk whose result cannot be sent: no output, no partial, every record
     failed, one dead letter per segment (bounded like any) saying why."""
     failed = ChunkOutcome(records_in=outcome.records_in, bytes_in=outcome.bytes_in,
-                          task_cpu_us=outcome.task_cpu_us)
+                          task_cpu_us=outcome.task_cpu_us, decode_cpu_us=outcome.decode_cpu_us)
     records = max(1, outcome.records_in + outcome.unreadable_segments)
     dead = _DeadLetters(failed)
     for seg in segments:
         dead.add(seg.file_index, seg.start, f"the result of this chunk cannot be sent: {error}; "
-                                            f"all {records} records of the chunk are counted as failed")
+                                            f"all {records} records of the chunk are counted as failed",
+                 path=getattr(seg, "path", None))
     dead.close()
     failed.failed_records = records
     return failed
@@ -225,11 +235,123 @@ def _reduce_segment(task: Task, params: dict, records: list[bytes], seg, dead: _
 def _per_record(records: list[bytes], seg, dead: _DeadLetters, apply) -> None:
     """Apply to each record alone; a record that raises goes to dead letters with its offset."""
     offset = seg.start
+    path = getattr(seg, "path", None)
     for rec in records:
         try:
             apply(rec)
         except InvalidSpec:
             raise
         except Exception as exc:
-            dead.add(seg.file_index, offset, _error_text(exc), rec)
+            dead.add(seg.file_index, offset, _error_text(exc), rec, path)
         offset += len(rec) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """Where a block of records lies (what `_per_record` names in a dead letter)."""
+    file_index: int
+    start: int
+    path: str
+
+
+#: Map output of one read kept uncompressed before it is fed to the part's compressor: up to here
+#: a read whose file changed under it is undone by dropping its buffer.
+FLUSH_OUTPUT_BYTES = 8 << 20
+
+
+class _Restart(Exception):
+    """A read whose output was already compressed into the part turned out bad (its file changed
+    while it was read): the chunk is run again without it."""
+
+    def __init__(self, failure):
+        self.failure = failure
+
+
+def run_reads(task: Task, params: dict, reads: Sequence, blocks_of, *, new_compressor) -> ChunkOutcome:
+    """Process a descriptor chunk: for each read, the blocks `blocks_of(read)` yields
+    (`mesh.reader`: OwnedBlock or ReadFailure), records split per block, the task called once
+    per block. Map output becomes one zstd frame (`new_compressor()`: an object with
+    compress/flush), fed read by read, in bounded pieces. A read whose file changed while it was
+    read (`ReadFailure.discard`) gives up everything it produced: its range is one dead letter."""
+    failed: dict[int, object] = {}
+    while True:
+        try:
+            return _run_reads(task, params, reads, blocks_of, new_compressor, failed)
+        except _Restart as restart:  # at most once per read: each restart fails one more
+            failed[restart.failure.read.index] = restart.failure
+
+
+def _run_reads(task: Task, params: dict, reads: Sequence, blocks_of, new_compressor, failed: dict) -> ChunkOutcome:
+    outcome = ChunkOutcome()
+    dead = _DeadLetters(outcome)
+    unreadable = _DeadLetters(outcome, outcome.unreadable)
+    compressor = None
+    partial = None
+    for read in reads:
+        before = (outcome.records_in, outcome.records_out, outcome.failed_records, outcome.bytes_in,
+                  len(outcome.dead_letters), dead.dropped, dead.nbytes, dead.first_dropped)
+        read_partial, buffered, buffered_bytes, flushed = None, [], 0, False
+        blocks = iter([failed[read.index]]) if read.index in failed else blocks_of(read)
+        while True:
+            started = time.thread_time_ns()
+            item = next(blocks, None)
+            outcome.decode_cpu_us += (time.thread_time_ns() - started) // 1000
+            if item is None:
+                break
+            if getattr(item, "error", None) is not None:  # a ReadFailure
+                if item.discard:
+                    if flushed:
+                        raise _Restart(item)
+                    _undo(outcome, dead, before)
+                    read_partial, buffered, buffered_bytes = None, [], 0
+                unreadable.add(read.index, item.offset, item.error, b"", read.path)
+                outcome.unreadable_segments += 1
+                continue
+            if item.data is None:  # one line over the record limit
+                outcome.records_in += 1
+                dead.add(read.index, item.offset, f"input {read.path}: the record at offset {item.offset} is longer "
+                                                  f"than max_record_bytes ({item.length} bytes or more)", b"", read.path)
+                continue
+            outcome.bytes_in += len(item.data)
+            records = split_records(item.data)
+            outcome.records_in += len(records)
+            where = _Where(read.index, item.offset, read.path)
+            started = time.thread_time_ns()
+            try:
+                if task.is_reduce:
+                    part = _reduce_segment(task, params, records, where, dead)
+                    read_partial = part if read_partial is None else task.combine(read_partial, part)
+                else:
+                    out = _map_segment(task, params, records, where, dead)
+                    if out:
+                        outcome.records_out += len(out)
+                        joined = join_records(out)
+                        buffered.append(joined)
+                        buffered_bytes += len(joined)
+            except InvalidSpec as exc:
+                outcome.job_error = f"task {task.name}: {exc}"
+                return outcome
+            finally:
+                outcome.task_cpu_us += (time.thread_time_ns() - started) // 1000
+            if buffered_bytes > FLUSH_OUTPUT_BYTES:
+                compressor = compressor or new_compressor()
+                outcome.output_pieces.append(compressor.compress(b"".join(buffered)))
+                buffered, buffered_bytes, flushed = [], 0, True
+        if buffered:
+            compressor = compressor or new_compressor()
+            outcome.output_pieces.append(compressor.compress(b"".join(buffered)))
+        if read_partial is not None:
+            partial = read_partial if partial is None else task.combine(partial, read_partial)
+    if compressor is not None:
+        outcome.output_pieces.append(compressor.flush())
+    dead.close()
+    unreadable.close()
+    outcome.partial = partial
+    return outcome
+
+
+def _undo(outcome: ChunkOutcome, dead: _DeadLetters, before: tuple) -> None:
+    """Forget what one read added to `outcome` (its file changed while it was read)."""
+    (outcome.records_in, outcome.records_out, outcome.failed_records, outcome.bytes_in,
+     letters, dead.dropped, dead.nbytes, dead.first_dropped) = before
+    del outcome.dead_letters[letters:]

@@ -89,6 +89,15 @@ def _write_file(path: Path, data: bytes | memoryview, *, what: str, out: Path, t
         raise OutputError(str(out), f"cannot write {what} in {out}: {exc.strerror}") from exc
 
 
+def write_pending_file(out: str | os.PathLike, job_id: str, epoch: int, name: str, data: bytes | memoryview) -> None:
+    """A pending file of (job, epoch), by its owner or by a worker of that epoch: temp + fsync +
+    rename inside OUT/.pending/eEPOCH. Never creates the epoch's directory: if a newer owner
+    deleted it, that epoch has lost the job and the write fails (OutputError)."""
+    out = Path(out)
+    _write_file(out / PENDING / f"e{epoch}" / name, data, what=f"pending {name}", out=out,
+                temp=_temp_name(job_id, epoch, name))
+
+
 def _unlink(path: Path) -> bool:
     try:
         os.unlink(path)
@@ -211,10 +220,8 @@ class OutputDir:
         return found
 
     def write_pending(self, name: str, data: bytes | memoryview) -> None:
-        """A pending file of this epoch. Never creates the epoch's directory: if a newer owner
-        deleted it, this owner has lost the job and the write fails."""
-        _write_file(self.pending / name, data, what=f"pending {name}", out=self.path,
-                    temp=_temp_name(self.job_id, self.epoch, name))
+        """A pending file of this epoch (see `write_pending_file`)."""
+        write_pending_file(self.path, self.job_id, self.epoch, name, data)
 
     def finalise(self, record: dict) -> None:
         """Rename the files a commit record lists (`{"epoch", "names"}`) from their pending

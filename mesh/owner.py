@@ -18,8 +18,10 @@ import orjson
 import zmq
 
 from mesh import protocol
+from mesh.chunks import encode_descriptor
 from mesh.codecs import frames
 from mesh.codecs.frames import Kind
+from mesh.sink import WRITABLE_KINDS, dead_letter_lines
 from mesh.coordinator.jobs import JobSpec, JobStore
 from mesh.dispatcher import Assignment, Dispatcher, JobRoute
 from mesh.errors import MeshError, NotOwner, StoreError, StoreRequestRejected
@@ -28,9 +30,10 @@ from mesh.offsets import Watermarks
 from mesh.commit import Committer
 from mesh.outputs import (MAX_RESULT_IN_STORE, RESULT, SUMMARY, OutputDir, list_parts, part_name,
                           result_reference)
-from mesh.paths import check_input_files, check_job_paths, checked_input_files
-from mesh.plan import FrozenPlan
-from mesh.source import InputFailure, PlannedChunk, iter_freeze_inputs, iter_inputs, plan_chunks
+from mesh.paths import check_input_files, check_job_paths, checked_input_files, inside_roots
+from mesh.plan import PLAN_VERSION, FrozenPlan
+from mesh.reader import count_records
+from mesh.source import MAX_RECORD_BYTES, InputFailure, PlannedChunk, iter_freeze_inputs, iter_inputs, plan_chunks
 from mesh.tasks import resolve_task
 from mesh.worker import node_of
 from mesh.logs import get_logger
@@ -57,13 +60,16 @@ class Owner:
     def __init__(self, *, job_id: str, epoch: int, spec: JobSpec, jobs: JobStore, dispatcher: Dispatcher,
                  node_id: str, settings: OwnerSettings = OwnerSettings(), on_exit=lambda owner: None,
                  allowed_modules: tuple[str, ...] | None = None,
-                 input_roots: tuple[str, ...] = (), output_roots: tuple[str, ...] = ()):
+                 input_roots: tuple[str, ...] = (), output_roots: tuple[str, ...] = (),
+                 shared_roots: tuple[str, ...] = (), index_dir: str | None = None):
         self.job_id, self.epoch, self.spec = job_id, epoch, spec
         self.jobs, self.dispatcher, self.settings = jobs, dispatcher, settings
         self.node_id = node_id
         self.on_exit = on_exit
         self.allowed_modules = allowed_modules  # None: any module (cluster config "*")
         self.input_roots, self.output_roots = input_roots, output_roots  # (): anywhere (mesh.paths)
+        self.shared_roots = shared_roots  # (): nothing is shared; other nodes get bytes shipped
+        self.index_dir = index_dir  # this node's gzip indexes (None: big .gz files are not cut)
         self.log = get_logger("mesh.owner").bind(node=node_id, job=job_id, epoch=epoch)
         self.inbox: queue.Queue = queue.Queue()
         self.stop_source = threading.Event()
@@ -129,7 +135,10 @@ class Owner:
                 job_id=self.job_id, epoch=self.epoch,
                 job_message=protocol.control("job", job_id=self.job_id, task=self.spec.task,
                                              params=self.spec.params, epoch=self.epoch,
-                                             task_hash=getattr(self.task, "source_hash", "")),
+                                             task_hash=getattr(self.task, "source_hash", ""),
+                                             out=str(self.out.path), max_record_bytes=MAX_RECORD_BYTES,
+                                             write_out="any" if inside_roots(str(self.out.path), self.shared_roots)
+                                             else "local"),
                 on_result=lambda ident, header, payload, body: self.inbox.put(("result", (ident, header, payload, body))),
                 on_poison=lambda assignment: self.inbox.put(("poison", assignment)),
                 acks_durable=True))
@@ -190,6 +199,10 @@ class Owner:
             committed = {k: v for k, v in committed.items() if k not in ("rewind", "finalise")}
             self.jobs.commit(self.job_id, self.epoch, offsets=committed)  # fenced: applied once
             self.log.info("replay_rewound", start=committed.get("files_done"), removed_files=len(removed))
+        if getattr(self.files, "version", PLAN_VERSION) < PLAN_VERSION and committed.get("partial"):
+            raise MeshError(f"job {self.job_id} was started by an older chunkmesh, which cut big files at other "
+                            f"offsets, and stopped inside a file; it cannot resume there: run "
+                            f"`meshctl replay {self.job_id} --all` to run it again from the start")
         self.committed = Watermarks(committed)  # read by the source thread only
         durable = previous.get("durable") if committed else None
         self.accounting = Accounting(Watermarks(committed), durable)  # this thread only
@@ -199,10 +212,10 @@ class Owner:
     def _source(self) -> None:
         """Source thread: plan chunks and push them to the dispatcher (blocking = backpressure)."""
         sock = self.dispatcher.open_source_socket()
-        codec = "none" if self.spec.codec in ("auto", "none") else self.spec.codec
         chunk_id = 0
         try:
-            for item in plan_chunks(self.files, chunk_size=self.spec.chunk_size, committed=self.committed):
+            for item in plan_chunks(self.files, chunk_size=self.spec.chunk_size, committed=self.committed,
+                                    index_dir=self.index_dir, shared_roots=self.shared_roots):
                 if self.stop_source.is_set():
                     return
                 if isinstance(item, InputFailure):
@@ -211,8 +224,8 @@ class Owner:
                 chunk_id += 1
                 self.inbox.put(("planned", (chunk_id, item)))
                 header, payload = frames.encode(Kind.CHUNK, job_id=self.job_id, epoch=self.epoch,
-                                                chunk_id=chunk_id, payload=item.payload, codec=codec,
-                                                segments=item.segments, record_count=item.records)
+                                                chunk_id=chunk_id, flags=int(item.where),
+                                                extra=encode_descriptor(item.key, item.reads))
                 if not self._push(sock, [header, payload]):
                     self.inbox.put(("unplanned", chunk_id))  # stopped before it was sent
                     return
@@ -308,21 +321,28 @@ class Owner:
             return None  # a duplicate: this chunk is already counted
         if body.get("job_error"):
             return str(body["job_error"])
+        if body.get("write_failed"):  # the worker could not write into the output directory
+            return f"cannot write the output: {body['write_failed']}"
+        wrote = body.get("wrote")
         names = []
-        if self.task.is_reduce:
+        if isinstance(wrote, list):  # the worker wrote its pending files itself
+            names = [part_name(kind, *chunk.key) for kind in WRITABLE_KINDS if kind in wrote]
+        elif self.task.is_reduce:
             partial = body.get("partial")
             if partial is not None:
                 names.append(self._write_pending(part_name("partial", *chunk.key), orjson.dumps(partial)))
         elif payload:
             names.append(self._write_pending(part_name("part", *chunk.key), payload))
-        dead = self._dead_letters("dead", chunk.key, body.get("dead_letters") or [])
-        names += [dead] if dead else []
+        if not isinstance(wrote, list):
+            for kind, field in (("dead", "dead_letters"), ("unreadable", "unreadable")):
+                name = self._dead_letters(kind, chunk.key, body.get(field) or [])
+                names += [name] if name else []
         records = int(body.get("records_in", 0))
         tally = Tally(records_in=records, records_out=int(body.get("records_out", 0)),
                       failed_records=int(body.get("failed_records", 0)), bytes_in=int(body.get("bytes_in", 0)),
                       nodes={node_of(identity): {"chunks": 1, "records": records}},
                       chunks_redone=int(any(n in self.redone_names for n in names)),
-                      task_cpu_us=int(body.get("task_cpu_us", 0)))
+                      task_cpu_us=int(body.get("task_cpu_us", 0)), decode_cpu_us=int(body.get("decode_cpu_us", 0)))
         self._chunk_done(chunk, tally, names)
         return None
 
@@ -333,15 +353,15 @@ class Owner:
         error = (f"a worker process died {assignment.blame} times while processing this chunk, the last "
                  f"time: {assignment.reason or 'unknown'} (poison chunk: a task that hangs, crashes the "
                  "interpreter or exhausts memory)")
-        dead = [{"file_index": s.file_index, "offset": s.start, "error": error, "record": ""} for s in chunk.segments]
+        dead = [{"file_index": r.index, "offset": r.start, "error": error, "record": ""} for r in chunk.reads]
         name = self._dead_letters("dead", chunk.key, dead)
         self.log.warning("poison_chunk", chunk=assignment.header.chunk_id, key=chunk.key, blame=assignment.blame)
-        self._chunk_done(chunk, Tally(failed_records=max(1, chunk.records)), [name] if name else [])
+        self._chunk_done(chunk, Tally(failed_records=count_records(chunk.reads)), [name] if name else [])
 
     def _chunk_done(self, chunk: PlannedChunk, tally: Tally, names: list[str]) -> None:
         tally.chunks_done = 1
         tally.bytes_read += chunk.disk_bytes
-        self.committer.finished(chunk.spans(), tally, names)
+        self.committer.finished(chunk.spans, tally, names)
         self._since_commit += 1
 
     def _write_pending(self, name: str, data) -> str:
@@ -356,10 +376,12 @@ class Owner:
         paths: dict[int, str] = {}  # a chunk's entries name one file or a few: read each from the plan once
         for entry in entries:
             index = entry.get("file_index", -1)
+            if "file" in entry:
+                continue
             if isinstance(index, int) and 0 <= index < len(self.files) and index not in paths:
                 paths[index] = self.files[index].path
             entry["file"] = paths.get(index) if isinstance(index, int) else None
-        return self._write_pending(part_name(kind, *key), b"".join(orjson.dumps(e) + b"\n" for e in entries))
+        return self._write_pending(part_name(kind, *key), dead_letter_lines(entries))
 
     def _complete(self) -> bool:
         return self.plan.planning_done and not self.planned

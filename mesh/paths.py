@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Sequence
 from mesh.coordinator.jobs import JobSpec
 from mesh.errors import PathNotAllowed
 
-__all__ = ["check_inside_roots", "check_job_paths", "check_input_files", "checked_input_files", "fixed_prefix"]
+__all__ = ["inside_roots", "check_inside_roots", "check_job_paths", "check_input_files", "checked_input_files", "fixed_prefix"]
 
 
 def fixed_prefix(pattern: str) -> str:
@@ -54,6 +54,12 @@ def _check(shown: str, path: str, roots: Sequence[str], real_roots: tuple[str, .
     real = os.path.realpath(path)
     if not _inside(real, real_roots):
         raise PathNotAllowed(kind, shown, real, tuple(roots))
+
+
+def inside_roots(path: str, roots: Sequence[str]) -> bool:
+    """Does `path` resolve inside one of `roots`? Unlike the checks below, no roots means NO
+    path: this answers "is it under the shared roots" (`shared_roots`, which every node mounts)."""
+    return bool(roots) and _inside(os.path.realpath(path), _real_roots(roots))
 
 
 def check_inside_roots(path: str, roots: Sequence[str], *, kind: str = "input") -> None:

@@ -23,7 +23,8 @@ from mesh.errors import OutputError
 from mesh.source import InputFile
 
 PLAN = "_plan.jsonl"
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: big files are cut into byte ranges that workers line-align (mesh.chunks)
+READABLE_VERSIONS = (2, 3)
 _BLOCK = 1 << 20
 
 
@@ -53,8 +54,9 @@ class FrozenPlan:
         try:
             doc = orjson.loads(header)
             self.job_id = str(doc["job"])
-            if doc.get("version") != PLAN_VERSION:
-                raise ValueError(f"version {doc.get('version')}, this chunkmesh reads version {PLAN_VERSION}")
+            self.version = doc.get("version")
+            if self.version not in READABLE_VERSIONS:
+                raise ValueError(f"version {doc.get('version')}, this chunkmesh reads versions {READABLE_VERSIONS}")
         except (KeyError, ValueError, TypeError) as exc:
             raise self._damaged(exc) from exc
 

@@ -91,11 +91,11 @@ class WorkerPool:
             self._spawn(slot)
         self._thread.start()
 
-    def set_task_modules(self, modules: tuple[str, ...] | None) -> None:
-        """The task allowlist that workers started from now on get, restarted ones included (live
-        ones hear it from the dispatcher)."""
+    def set_task_modules(self, modules: tuple[str, ...] | None, shared_roots: tuple[str, ...] = ()) -> None:
+        """The task allowlist and shared roots that workers started from now on get, restarted
+        ones included (live ones hear them from the dispatcher)."""
         with self._lock:
-            self._base = replace(self._base, allowed_task_modules=modules)
+            self._base = replace(self._base, allowed_task_modules=modules, shared_roots=tuple(shared_roots))
 
     def resize(self, workers: int | None, timeout_s: float = 5.0) -> None:
         """Run `workers` processes (None: one per core). New slots start at once; retired ones

@@ -1,4 +1,4 @@
-"""The source: resolve inputs, freeze the plan, cut inputs into line-aligned chunks.
+"""The source, as the owner runs it: resolve inputs, freeze the plan, plan chunk descriptors.
 
 The plan is frozen (DESIGN.md, the commit protocol, invariant 1). `freeze_inputs` runs once, at a
 job's first planning: it records each input's identity (device, inode, size, mtime, a fingerprint
@@ -6,51 +6,46 @@ of its first 4 KiB) and the bundles of small files; the owner stores that list a
 and replay plans from it. Nothing here re-derives a bundle or a key from the files as they are now:
 
 * files are taken in the order given, each glob / directory expanded sorted;
-* a file of at most ``chunk_size // 4`` bytes on disk is *small*: it joins the current bundle,
-  read whole; a small ``.gz``/``.zst``/``.lz4`` file is shipped as it is (already compressed,
-  independent) and decompressed by the worker. A bundle closes when the next file would take
-  it past ``chunk_size`` or past ``MAX_BUNDLE_FILES`` files; a big file, or one that cannot be
-  stat'ed, closes it too. A bundle is one chunk keyed (index of its first file, 0), whichever of
-  its members can still be read;
-* a bigger file is cut on its own into line-aligned chunks of its decompressed stream, keyed
-  (file index, start). Boundaries depend only on the file's content, which its identity pins;
-* a file that could not be stat'ed at freeze time is planned on its own, like a big file: a dead
-  letter while it stays unreadable, read as it is then once it can be (a replay after the cause
-  was fixed). With no identity frozen, only such a file's chunks follow its content of the day.
+* a file of at most ``chunk_size // 4`` bytes on disk is *small*: it joins the current bundle, a
+  chunk of whole files (a small ``.gz``/``.zst``/``.lz4`` is decoded whole by the worker). A bundle
+  closes when the next file would take it past ``chunk_size`` or past ``MAX_BUNDLE_FILES`` files;
+  a big file, or one that cannot be stat'ed, closes it too. A bundle is one chunk keyed (index of
+  its first file, 0), whichever of its members can still be read;
+* a bigger plain file is cut into byte ranges of ``chunk_size`` on a fixed grid, keyed (file
+  index, range start); the worker line-aligns each range (`mesh.chunks`: a range owns the lines
+  that start inside it). A bigger ``.zst``/``.lz4`` is cut at frames (about ``chunk_size``
+  decoded bytes apart; frame headers say their sizes), a bigger ``.gz`` at the access points of
+  its gzip index (built once per file identity, kept in the node's state dir); keys and offsets
+  of such a file are in decoded bytes. A compressed file that cannot be cut (one frame, frames
+  without sizes, no index) is one chunk, read whole by one worker in bounded blocks;
+* a file that could not be stat'ed at freeze time is planned on its own: a dead letter while it
+  stays unreadable, read as it is then once it can be (a replay after the cause was fixed).
 
-Inputs must be complete files. A file that vanished or changed since it was frozen (another
-inode, size, mtime or first 4 KiB) is not read: it is a dead letter naming it. No read goes past
-the frozen size, and a file that changes while it is read gives its last chunk to a dead letter
-(a half-written last line is never a record); the chunks before stay.
-
-Every other input error is a dead letter too (`InputFailure`), yielded after every good chunk
-before it: an unreadable file, corrupt or truncated compressed data (the rest of the file), a line
-longer than `max_record_bytes` (that line alone: the file goes on after it).
+The owner reads no input byte here (only frame headers, and a gzip file once for its index).
+Inputs must be complete files: the worker checks each file against its frozen identity before and
+after reading it; a file that vanished or changed is a dead letter naming it, never wrong data.
 """
 from __future__ import annotations
 
-import errno
 import glob
 import hashlib
 import os
 import stat
-import time
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, Sequence
 
+from mesh.chunks import MAX_RECORD_BYTES, FileRead, Where
 from mesh.codecs.errors import CodecError
-from mesh.codecs.frames import Segment
-from mesh.codecs.records import count_records
-from mesh.codecs.streams import InputStream, detect_encoding, iter_line_chunks, open_input, read_upto
+from mesh.codecs.gzindex import build_gzip_index, load_gzip_index
+from mesh.codecs.pieces import scan_pieces
+from mesh.codecs.streams import detect_encoding
 from mesh.errors import InputError
+from mesh.identity import (FINGERPRINT_BYTES, OPEN_FLAGS, changed_message, changes_of_open, fingerprint, open_error,
+                           read_error)
 from mesh.offsets import Watermarks
-from mesh.readahead import ReadAhead
+from mesh.paths import inside_roots
 
 MAX_BUNDLE_FILES = 1024
-MAX_RECORD_BYTES = 64 * 1024 * 1024
-FINGERPRINT_BYTES = 4096
-_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO put in a file's place cannot block us
-_READ_ERRORS = (OSError, CodecError)
 
 
 @dataclass(frozen=True)
@@ -78,15 +73,13 @@ class InputFile:
 
 @dataclass(frozen=True)
 class PlannedChunk:
+    """A chunk descriptor as the owner keeps it until its result: what to read, and what its
+    completion covers (`spans`: (file index, start, end, reaches the end of the file))."""
     key: tuple[int, int]           # the frozen key: (bundle's first file, 0) or (file, start)
-    segments: tuple[Segment, ...]
-    payload: bytes
-    records: int
+    reads: tuple[FileRead, ...]
     disk_bytes: int                # on-disk bytes this chunk accounts for (progress, ETA)
-    ends_file: tuple[bool, ...]    # per segment: does it reach the end of its file?
-
-    def spans(self) -> list[tuple[int, int, int, bool]]:
-        return [(s.file_index, s.start, s.end, eof) for s, eof in zip(self.segments, self.ends_file)]
+    where: Where                   # who can read it (mesh.chunks)
+    spans: tuple[tuple[int, int, int, bool], ...]
 
 
 @dataclass(frozen=True)
@@ -203,7 +196,7 @@ def iter_freeze_inputs(paths: Iterable[str], chunk_size: int) -> Iterator[InputF
 def _identify(index: int, path: str) -> InputFile:
     encoding = detect_encoding(path)
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        fd = os.open(path, OPEN_FLAGS)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -214,31 +207,22 @@ def _identify(index: int, path: str) -> InputFile:
     except OSError as exc:
         return InputFile(index, path, 0, encoding, error=f"cannot read input {path}: {exc.strerror or exc}")
     return InputFile(index, path, st.st_size, encoding, dev=st.st_dev, ino=st.st_ino, mtime_ns=st.st_mtime_ns,
-                     fingerprint=_fingerprint(head, st.st_size))
+                     fingerprint=fingerprint(head, st.st_size))
 
 
 def plan_chunks(files: Sequence[InputFile], *, chunk_size: int, committed: Watermarks | None = None,
-                readahead: int = 2, max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[PlannedChunk | InputFailure]:
-    """The frozen plan of `files` (from `freeze_inputs`), in order, skipping what `committed` holds.
-    Big compressed files are cut up to `readahead` files ahead in threads (see mesh.readahead);
-    the items and their order are the same either way."""
-    if not 0 < chunk_size <= max_record_bytes:
-        raise ValueError(f"chunk_size must be in [1, max_record_bytes {max_record_bytes}] (got {chunk_size})")
+                index_dir: str | None = None, shared_roots: Sequence[str] = ()) -> Iterator[PlannedChunk | InputFailure]:
+    """The frozen plan of `files` (from `freeze_inputs`) as chunk descriptors, in order, skipping
+    what `committed` holds. Reads no input byte, except to find a compressed file's split points
+    (zstd/lz4 frame headers; a gzip index, built once per file identity into `index_dir`)."""
+    if not 0 < chunk_size <= MAX_RECORD_BYTES:
+        raise ValueError(f"chunk_size must be in [1, {MAX_RECORD_BYTES}] (got {chunk_size})")
     committed = committed or Watermarks()
-
-    def cut(index: int) -> Iterator[PlannedChunk | InputFailure]:  # files[i].index == i in a plan
-        return _cut_file(files[index], chunk_size, committed.start_of(index), max_record_bytes)
-
-    ahead = [f.index for f in files if f.bundle is None and not f.error and f.encoding != "none"
-             and not committed.is_done(f.index)] if readahead > 0 else []
-    ahead_set = set(ahead)
-    with ReadAhead(ahead, cut, depth=readahead) as reader:
-        for group in _groups(files):
-            if group[0].bundle is not None:
-                yield from _emit_bundle(group, committed)
-            elif not committed.is_done(group[0].index):
-                index = group[0].index
-                yield from reader.take(index) if index in ahead_set else cut(index)
+    for group in _groups(files):
+        if group[0].bundle is not None:
+            yield from _plan_bundle(group, committed, shared_roots)
+        elif not committed.is_done(group[0].index):
+            yield from _plan_file(group[0], chunk_size, committed.start_of(group[0].index), index_dir, shared_roots)
 
 
 def _groups(files: Sequence[InputFile]) -> Iterator[list[InputFile]]:
@@ -253,187 +237,150 @@ def _groups(files: Sequence[InputFile]) -> Iterator[list[InputFile]]:
         yield group
 
 
-def _emit_bundle(bundle: list[InputFile], committed: Watermarks) -> Iterator[PlannedChunk | InputFailure]:
-    """One chunk of the members that can be read, keyed by the bundle's first file whatever became
-    of it; an InputFailure for each other member. A bundle not wholly done is read whole (a replay
-    from one of its members re-emits it under its own key)."""
+def _where(path: str, shared_roots: Sequence[str], local: Where = Where.SHIP) -> Where:
+    return Where.SHARED if inside_roots(path, shared_roots) else local
+
+
+def _read(f: InputFile, *, start: int = 0, end: int | None = None, eof: bool = True, raw_start: int = 0,
+          position: int = 0, gzip_index: str | None = None) -> FileRead:
+    return FileRead(index=f.index, path=f.path, encoding=f.encoding, size=f.size, raw_start=raw_start,
+                    position=position, start=start, end=end, eof=eof, dev=f.dev, ino=f.ino, mtime_ns=f.mtime_ns,
+                    fingerprint=f.fingerprint, gzip_index=gzip_index)
+
+
+def _plan_bundle(bundle: list[InputFile], committed: Watermarks,
+                 shared_roots: Sequence[str]) -> Iterator[PlannedChunk]:
+    """One chunk of whole small files, keyed by the bundle's first file whatever became of it.
+    A bundle not wholly done is read whole (a replay from one of its members re-emits it under
+    its own key)."""
     if all(committed.is_done(f.index) for f in bundle):
         return
-    segments, blobs, disk_bytes = [], [], 0
-    for f in bundle:
-        data = _read_member(f)
-        if isinstance(data, InputFailure):
-            yield data
-            continue
-        encoding = f.encoding if data else "none"
-        n = count_records(data) if encoding == "none" else 0
-        segments.append(Segment(file_index=f.index, start=0, end=len(data), length=len(data),
-                                encoding=encoding, records=n))
-        blobs.append(data)
-        disk_bytes += f.size
-    if segments:
-        yield PlannedChunk(key=(bundle[0].bundle, 0), segments=tuple(segments), payload=b"".join(blobs),
-                           records=sum(s.records for s in segments), disk_bytes=disk_bytes,
-                           ends_file=(True,) * len(segments))
+    where = max(_where(f.path, shared_roots) for f in bundle)
+    yield PlannedChunk(key=(bundle[0].bundle, 0), reads=tuple(_read(f) for f in bundle),
+                       disk_bytes=sum(f.size for f in bundle), where=where,
+                       spans=tuple((f.index, 0, f.size, True) for f in bundle))
 
 
-def _read_member(f: InputFile) -> bytes | InputFailure:
-    """The bytes of a small file, exactly as frozen, or the InputFailure saying why not."""
-    if f.error:
-        return InputFailure(f.index, 0, f.error, f.size)
-    try:
-        fd = os.open(f.path, _OPEN_FLAGS)
-    except OSError as exc:
-        return InputFailure(f.index, 0, _open_error(f, exc), f.size)
-    try:
-        changes = _changes(f, os.fstat(fd))
-        if not changes:
-            data = read_upto(fd, f.size + 1)  # one byte more than its size tells whether it grew
-            changes = _changes(f, os.fstat(fd), data) or _short_read(f, data)
-    except OSError as exc:
-        return InputFailure(f.index, 0, _read_error(f, 0, exc), f.size)
-    finally:
-        os.close(fd)
-    return InputFailure(f.index, 0, _changed(f, changes), f.size) if changes else data
-
-
-def _cut_file(f: InputFile, chunk_size: int, start: int,
-              max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[PlannedChunk | InputFailure]:
-    """The items of one big file from `start` (0 or a chunk boundary of its plan)."""
+def _plan_file(f: InputFile, chunk_size: int, start: int, index_dir: str | None,
+               shared_roots: Sequence[str]) -> Iterator[PlannedChunk | InputFailure]:
+    """The chunks of one file cut on its own, from `start` (0 or a chunk boundary of its plan)."""
     if f.error:  # unreadable when frozen, so no identity to hold it to: read as it is now, if it can be
         f = _identify(f.index, f.path)  # (a replay after the cause was fixed)
-    opened = _open_checked(f, start)
-    if isinstance(opened, InputFailure):
-        yield opened
-        return
-    with opened as stream:
-        yield from _cut_stream(f, stream, chunk_size, start, max_record_bytes)
-
-
-def _open_checked(f: InputFile, start: int) -> InputStream | InputFailure:
-    """The file opened for reading at most its frozen size, if it is still the file frozen."""
-    if f.error:
-        return InputFailure(f.index, start, f.error, f.size)
-    try:
-        fd = os.open(f.path, _OPEN_FLAGS)
-    except OSError as exc:
-        return InputFailure(f.index, start, _open_error(f, exc), f.size)
-    try:
-        changes = _changes(f, os.fstat(fd), os.pread(fd, min(f.size, FINGERPRINT_BYTES), 0))
-    except OSError as exc:
-        os.close(fd)
-        return InputFailure(f.index, start, _read_error(f, start, exc), f.size)
-    if changes:
-        os.close(fd)
-        return InputFailure(f.index, start, _changed(f, changes), f.size)
-    try:
-        return open_input(f.path, f.encoding, fd=fd, max_raw_bytes=f.size)  # which owns fd from here
-    except _READ_ERRORS as exc:
-        return InputFailure(f.index, start, _read_error(f, start, exc), f.size)
-
-
-def _cut_stream(f: InputFile, stream: InputStream, chunk_size: int, start: int,
-                max_record_bytes: int) -> Iterator[PlannedChunk | InputFailure]:
-    """Each piece is yielded once the next one is read, so the last one is known (it ends the
-    file) and is checked against a change of the file while it was read. A read error yields the
-    piece before it, then the failure of the rest of the file."""
-    pieces = iter_line_chunks(stream, start, chunk_size, max_record_bytes, skip_long_records=True)
-    disk_seen = 0
-    try:
-        pending = next(pieces, None) or (start, start, b"")  # nothing (left) to read: an empty chunk ends it
-    except _READ_ERRORS as exc:
-        yield InputFailure(f.index, start, _read_error(f, start, exc, stream), f.size)
-        return
-    while True:
-        try:
-            following, error = next(pieces, None), None
-        except _READ_ERRORS as exc:
-            following, error = None, exc
-        if following is None and error is None:
-            changes = _changes_while_read(f, stream)
-            if changes:  # the file changed while it was read: its last piece may be half written
-                yield InputFailure(f.index, pending[0], _changed(f, changes), f.size - disk_seen)
-            else:
-                yield _piece(f, pending, True, f.size - disk_seen, max_record_bytes)
+        if f.error:
+            yield InputFailure(f.index, start, f.error, f.size)
             return
-        disk_now = disk_seen if error else min(stream.raw_position(), f.size)
-        yield _piece(f, pending, False, disk_now - disk_seen, max_record_bytes)
-        disk_seen = disk_now
-        if error is not None:
-            yield InputFailure(f.index, pending[1], _read_error(f, pending[1], error, stream), f.size - disk_seen)
+    if f.encoding == "none":
+        yield from _plan_ranges(f, chunk_size, start, _where(f.path, shared_roots))
+        return
+    cuts = _split_points(f, chunk_size, index_dir)
+    if isinstance(cuts, InputFailure):
+        yield cuts
+        return
+    if cuts is None:  # cannot be split: one worker reads it whole
+        if start:
+            yield InputFailure(f.index, start, f"input {f.path}: its split points are gone (it was cut into "
+                                                f"chunks when the job started, and cannot be now), so the job "
+                                                f"cannot resume inside it; replay the job from this file", f.size)
             return
-        pending = following
+        yield _whole_file(f, _where(f.path, shared_roots))
+        return
+    yield from _plan_cuts(f, cuts, start, _where(f.path, shared_roots, Where.LOCAL))
 
 
-def _piece(f: InputFile, piece: tuple[int, int, bytes | None], last: bool, disk_bytes: int,
-           max_record_bytes: int) -> PlannedChunk | InputFailure:
-    start, end, data = piece
-    if data is None:  # a line over the limit, already read past: only it is dead (all the rest, if last)
-        return InputFailure(f.index, start, f"input {f.path}: the record at offset {start} is longer than "
-                                            f"max_record_bytes {max_record_bytes} ({end - start} bytes)",
-                            disk_bytes, end=None if last else end)
-    n = count_records(data)
-    return PlannedChunk(key=(f.index, start), segments=(Segment(f.index, start, end, len(data), "none", n),),
-                        payload=data, records=n, disk_bytes=disk_bytes, ends_file=(last,))
+def _whole_file(f: InputFile, where: Where) -> PlannedChunk:
+    return PlannedChunk(key=(f.index, 0), reads=(_read(f),), disk_bytes=f.size, where=where,
+                        spans=((f.index, 0, f.size, True),))
 
 
-# ------------------------------------------------------------------------------ identity checks
+def _plan_ranges(f: InputFile, chunk_size: int, start: int, where: Where) -> Iterator[PlannedChunk]:
+    """Plain text: byte ranges of `chunk_size` on a fixed grid; workers line-align them."""
+    if f.size == 0:
+        yield _whole_file(f, where)
+        return
+    position = start
+    while position < f.size:
+        end = min(position + chunk_size, f.size)
+        eof = end == f.size
+        yield PlannedChunk(key=(f.index, position), reads=(_read(f, start=position, end=end, eof=eof,
+                                                                  raw_start=position, position=position),),
+                           disk_bytes=end - position, where=where, spans=((f.index, position, end, eof),))
+        position = end
 
 
-def _fingerprint(head: bytes, size: int) -> str:
-    return hashlib.blake2b(head[:min(size, FINGERPRINT_BYTES)], digest_size=16).hexdigest()
+@dataclass(frozen=True)
+class _Cut:
+    """A split point of a compressed file: its offset on disk and in the decoded stream."""
+    raw: int
+    position: int
 
 
-def _changes(f: InputFile, st: os.stat_result, head: bytes | None = None) -> list[str]:
-    """What differs between the frozen identity of `f` and the file `st` (and `head`, its first
-    bytes) describe; [] for the same file. A device number alone may differ: it is not stable
-    across hosts and remounts (a shared file system seen from another node), the rest is."""
-    changes = []
-    if not stat.S_ISREG(st.st_mode):
-        changes.append("no longer a regular file")
-    if f.ino and st.st_ino != f.ino:
-        changes.append(f"inode {f.ino} -> {st.st_ino}: another file has its name")
-    if st.st_size != f.size:
-        changes.append(f"size {f.size} -> {st.st_size} bytes")
-    if f.mtime_ns and st.st_mtime_ns != f.mtime_ns:
-        changes.append(f"mtime {_utc(f.mtime_ns)} -> {_utc(st.st_mtime_ns)}")
-    if head is not None and f.fingerprint and _fingerprint(head, f.size) != f.fingerprint:
-        changes.append(f"its first {min(f.size, FINGERPRINT_BYTES)} bytes differ")
-    if changes and f.dev and st.st_dev != f.dev:
-        changes.insert(0, f"device {f.dev} -> {st.st_dev}")
-    return changes
-
-
-def _changes_while_read(f: InputFile, stream: InputStream) -> list[str]:
+def _split_points(f: InputFile, chunk_size: int, index_dir: str | None) -> tuple[list[_Cut], str | None] | InputFailure | None:
+    """Where a compressed file may be cut (about every `chunk_size` decoded bytes), and the gzip
+    index to read it through; None when it cannot be cut (one worker reads it whole)."""
+    if f.encoding == "gzip" and f.size < chunk_size:
+        return None  # at most a few chunks decoded: not worth an index pass
     try:
-        return _changes(f, os.fstat(stream.fileno()))
+        fd = os.open(f.path, OPEN_FLAGS)
     except OSError as exc:
-        return [f"cannot stat it: {exc.strerror or exc}"]
+        return InputFailure(f.index, 0, open_error(f.path, exc), f.size)
+    try:
+        found = changes_of_open(f, fd)
+        if found:
+            return InputFailure(f.index, 0, changed_message(f.path, found), f.size)
+        if f.encoding == "gzip":
+            return _gzip_cuts(f, fd, chunk_size, index_dir)
+        pieces = scan_pieces(fd, f.size, f.encoding)
+    except OSError as exc:
+        return InputFailure(f.index, 0, read_error(f.path, 0, exc), f.size)
+    finally:
+        os.close(fd)
+    if not pieces or len(pieces) < 2 or any(p.size is None for p in pieces):
+        return None  # one frame, or frames that do not say their size
+    cuts, position, since = [_Cut(0, 0)], 0, 0
+    for piece in pieces:
+        if since >= chunk_size:
+            cuts.append(_Cut(piece.raw_start, position))
+            since = 0
+        position += piece.size
+        since += piece.size
+    cuts.append(_Cut(f.size, position))
+    return cuts, None
 
 
-def _short_read(f: InputFile, data: bytes) -> list[str]:
-    return [] if len(data) == f.size else [f"{len(data)} bytes read of {f.size}"]
+def _gzip_cuts(f: InputFile, fd: int, chunk_size: int, index_dir: str | None):
+    if index_dir is None:
+        return None
+    os.makedirs(index_dir, mode=0o700, exist_ok=True)
+    identity = hashlib.blake2b(f"{f.dev}:{f.ino}:{f.size}:{f.mtime_ns}:{f.fingerprint}:{chunk_size}".encode(),
+                               digest_size=16).hexdigest()
+    dest = os.path.join(index_dir, f"{identity}.gzidx")
+    try:
+        index = load_gzip_index(f.path, dest) or build_gzip_index(f.path, dest, spacing=chunk_size)
+    except CodecError:
+        return None  # corrupt: the worker that reads it whole reports where, after the good lines
+    points = [p for p in index.points]
+    cuts = [_Cut(raw, position) for raw, position in points if position == 0 or position < index.size]
+    if not cuts or cuts[0].position != 0:
+        cuts.insert(0, _Cut(0, 0))
+    cuts.append(_Cut(f.size, index.size))
+    return cuts, index.path
 
 
-def _utc(ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
-
-
-def _changed(f: InputFile, changes: list[str]) -> str:
-    return (f"input {f.path} changed since the job planned it ({', '.join(changes)}): job inputs must be "
-            f"complete files; follow growing files with a stream")
-
-
-def _open_error(f: InputFile, exc: OSError) -> str:
-    if exc.errno == errno.ENOENT:
-        return f"input {f.path} vanished since the job planned it ({exc.strerror})"
-    return f"cannot read input {f.path}: {exc.strerror or exc}"
-
-
-def _read_error(f: InputFile, offset: int, exc: Exception, stream: InputStream | None = None) -> str:
-    """The message of a read error; a file that changed meanwhile (truncated, say) is told as such."""
-    changes = _changes_while_read(f, stream) if stream is not None else []
-    if changes:
-        return _changed(f, changes)
-    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return f"cannot read input {f.path} at offset {offset}: {detail}"
+def _plan_cuts(f: InputFile, split: tuple[list[_Cut], str | None], start: int,
+               where: Where) -> Iterator[PlannedChunk | InputFailure]:
+    """A compressed file cut at its split points; keys and offsets in decoded bytes."""
+    cuts, index = split
+    if start and start not in {c.position for c in cuts}:
+        yield InputFailure(f.index, start, f"input {f.path}: offset {start} is not a split point of the file "
+                                            f"any more; replay the job from this file", f.size)
+        return
+    for cut, following in zip(cuts, cuts[1:]):
+        if cut.position < start or following.position == cut.position:
+            continue
+        last = following is cuts[-1]
+        disk = following.raw - cut.raw
+        yield PlannedChunk(key=(f.index, cut.position),
+                           reads=(_read(f, start=cut.position, end=following.position, eof=last, raw_start=cut.raw,
+                                        position=cut.position, gzip_index=index),),
+                           disk_bytes=disk, where=Where.LOCAL if index else where,
+                           spans=((f.index, cut.position, following.position, last),))

@@ -27,20 +27,27 @@ import signal
 import sys
 import time
 from collections import OrderedDict
+from types import SimpleNamespace
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import psutil
 import zmq
+import zstandard
 
 from mesh import protocol
 from mesh.codecs import frames
-from mesh.codecs.compression import get_codec
+from mesh.codecs.compression import ZSTD_LEVEL, get_codec
 from mesh.codecs.errors import FrameError
 from mesh.codecs.frames import Kind
 from mesh.errors import MeshError
-from mesh.execute import ChunkOutcome, failed_chunk, run_chunk, sendable
+from mesh.chunks import decode_descriptor
+from mesh.errors import OutputError
+from mesh.execute import ChunkOutcome, failed_chunk, run_chunk, run_reads, sendable
+from mesh.paths import inside_roots
+from mesh.reader import iter_read
+from mesh.sink import write_chunk_files
 from mesh.lifeline import die_with_parent
 from mesh.logs import configure_logging, get_logger
 from mesh.security import Keypair, secure_client
@@ -64,6 +71,7 @@ class WorkerConfig:
     output_level: int = 1
     curve_key: str | None = None  # the node's secret key file: loaded here, never sent to us
     allowed_task_modules: tuple[str, ...] | None = ()  # our node's allowlist (None: any); built-ins always
+    shared_roots: tuple[str, ...] = ()  # what every node mounts: all another node's job may make us read or write
 
 
 @dataclass
@@ -72,6 +80,8 @@ class KnownJob:
     task_name: str
     params: dict[str, Any]
     task_hash: str | None  # the source the owner runs; absent from older owners
+    out: str | None = None  # the output directory we write pending files into ourselves, if we may
+    max_record_bytes: int = 64 << 20
     task: Task | None = None
 
 
@@ -115,10 +125,13 @@ class Worker:
         self.draining = False
         self.bad_frames = 0
         self.allowed_modules = cfg.allowed_task_modules
+        self.shared_roots = cfg.shared_roots
         self._connections = 0
         self._bad_frame_log = LogRateLimiter(self.log, "bad_frame_dropped")  # lines per FrameError reason
         zstd = get_codec("zstd")
         self.compress_output = zstd.compress
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        self.new_compressor = compressor.compressobj  # one frame per part, fed in pieces
 
     def run(self) -> None:
         """Serve the local dispatcher and, peer to peer, every remote owner it names."""
@@ -225,6 +238,9 @@ class Worker:
             if modules is not None and not (isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
                 raise FrameError("bad_control", "allow.modules must be null or a list of module names")
             self.allowed_modules = None if modules is None else tuple(modules)
+            roots = body.get("shared_roots")
+            if isinstance(roots, list) and all(isinstance(r, str) for r in roots):
+                self.shared_roots = tuple(roots)
             for cache in self.jobs.values():
                 for job in cache.values():
                     job.task = None
@@ -244,11 +260,25 @@ class Worker:
             raise FrameError("bad_control", "job.task_hash must be a hex string")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch <= _U64:
             raise FrameError("bad_control", f"job.epoch must be an integer in [0, 2**64) (got {epoch!r})")
+        out, write_out, max_record = body.get("out"), body.get("write_out"), body.get("max_record_bytes", 64 << 20)
+        if not isinstance(max_record, int) or isinstance(max_record, bool) or not 1 <= max_record <= 1 << 30:
+            raise FrameError("bad_control", "job.max_record_bytes must be an integer in [1, 2**30]")
         cache = self.jobs.setdefault(link, OrderedDict())
-        cache[job_id, epoch] = KnownJob(task_name, params, task_hash)
+        cache[job_id, epoch] = KnownJob(task_name, params, task_hash, self._writable_out(link, out, write_out),
+                                        max_record)
         cache.move_to_end((job_id, epoch))
         while len(cache) > MAX_CACHED_JOBS:
             cache.popitem(last=False)
+
+    def _writable_out(self, link: str, out, write_out) -> str | None:
+        """The output directory of a job if we write its pending files ourselves: our own node's
+        job ("local" or "any"), or another node's whose output is under the shared roots ("any"),
+        as our own config says, never only the owner's word. None: results travel back."""
+        if not isinstance(out, str) or not out.startswith("/") or write_out not in ("local", "any"):
+            return None
+        if link == self.cfg.endpoint:
+            return out
+        return out if write_out == "any" and inside_roots(out, self.shared_roots) else None
 
     def _task(self, job: KnownJob, job_id: str) -> Task:
         """The job's task, resolved once per job message (a chunk must not change code midway)."""
@@ -271,6 +301,8 @@ class Worker:
         if self.busy_since is not None:
             self.busy_since.value = time.monotonic()
         try:
+            if header.extra:
+                return self._process_descriptor(job, header, payload, link or self.cfg.endpoint)
             return self._process(job, header, payload)
         finally:
             if self.busy_since is not None:
@@ -299,11 +331,58 @@ class Worker:
             reported = failed_chunk(outcome, header.segments, f"its result frame cannot be built: {exc}")
             return self._result(header, reported, orjson.dumps(reported.meta()))
 
+    def _process_descriptor(self, job: KnownJob, header, payload, link: str) -> list:
+        """A chunk descriptor: read our ranges of the inputs ourselves, run the task, and write the
+        pending files into the output directory when we may (else they travel back)."""
+        log = self.log.bind(job=header.job_id, chunk=header.chunk_id, attempt=header.attempt)
+        try:
+            key, reads = decode_descriptor(header.extra)
+        except FrameError as exc:
+            log.warning("bad_descriptor", error=str(exc))
+            outcome = ChunkOutcome(job_error=f"the chunk descriptor is not valid: {exc}")
+            return self._result(header, outcome, orjson.dumps(outcome.meta()))
+        roots = None if link == self.cfg.endpoint else self.shared_roots
+        shipped = _shipped_views(reads, payload)
+        try:
+            outcome = run_reads(self._task(job, header.job_id), job.params, reads,
+                                lambda read: iter_read(read, shipped.get(read.index), max_record_bytes=job.max_record_bytes,
+                                                       readable_roots=roots),
+                                new_compressor=self.new_compressor)
+        except MeshError as exc:
+            outcome = ChunkOutcome(job_error=str(exc))
+        if outcome.failed_records:
+            log.info("chunk_dead_letters", failed=outcome.failed_records)
+        segments = [SimpleNamespace(file_index=r.index, start=r.start, path=r.path) for r in reads]
+        outcome.output = b"".join(outcome.output_pieces)
+        reported, body = sendable(outcome, segments)  # the same limits whether it travels or not
+        if reported is not outcome:
+            log.warning("chunk_result_over_limit", error=next((d["error"] for d in reported.dead_letters), ""))
+        if job.out is None or reported.job_error:
+            return self._result(header, reported, body)
+        try:
+            wrote = write_chunk_files(job.out, header.job_id, header.epoch, key, reported)
+        except OutputError as exc:  # e.g. a newer owner removed our epoch's pending directory
+            log.info("pending_write_failed", error=str(exc))
+            return self._result(header, ChunkOutcome(), orjson.dumps({"write_failed": str(exc)}))
+        body = orjson.dumps({**reported.meta(), "partial": None, "dead_letters": [], "unreadable": [], "wrote": wrote})
+        return self._result(header, ChunkOutcome(records_out=reported.records_out), body)
+
     @staticmethod
     def _result(header, outcome: ChunkOutcome, body: bytes) -> list:
         return list(frames.encode(Kind.RESULT, job_id=header.job_id, epoch=header.epoch, chunk_id=header.chunk_id,
                                   attempt=header.attempt, payload=outcome.output, codec="none",
                                   record_count=outcome.records_out, extra=body))
+
+
+def _shipped_views(reads, payload) -> dict[int, memoryview]:
+    """The raw bytes the owner's node shipped, per file index (in the order of the reads)."""
+    views, offset = {}, 0
+    view = memoryview(payload) if payload is not None else memoryview(b"")
+    for read in reads:
+        if read.shipped >= 0:
+            views[read.index] = view[offset:offset + read.shipped]
+            offset += read.shipped
+    return views
 
 
 def worker_main(cfg: WorkerConfig, busy_since=None) -> None:

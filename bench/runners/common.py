@@ -1,6 +1,7 @@
 """Per-file / per-batch / per-chunk work shared by the peer runners (pool, Dask, Celery): the same
-readers, the same task functions (mesh.tasks.builtin via resolve_task) and the same zstd output as
-the plain loop, so every runner does identical per-record work."""
+reader as the plain loop (bench/readers.py: isal for .gz, python-zstandard for .zst), the same
+task functions (mesh.tasks.builtin via resolve_task) and the same zstd output, so every runner
+does identical per-record work."""
 from __future__ import annotations
 
 import os
@@ -11,11 +12,10 @@ import orjson
 
 from mesh.codecs.compression import get_codec
 from mesh.codecs.records import join_records, split_records
-from mesh.codecs.streams import iter_line_chunks, open_input
 from mesh.source import expand_inputs
 from mesh.tasks import resolve_task
 
-BATCH_BYTES = 1 << 20
+from bench.readers import BATCH_BYTES, iter_blocks
 
 
 def process_data(data: bytes, task_name: str, params: dict):
@@ -36,16 +36,15 @@ def process_files(paths: list[str], task_name: str, params: dict, out_path: str 
     partial = None
     blobs = []
     for path in paths:
-        with open_input(path) as stream:
-            for _, _, data in iter_line_chunks(stream, 0, BATCH_BYTES):
-                r_in, by, blob, r_out, part = process_data(data, task_name, params)
-                n_in += r_in
-                b_in += by
-                n_out += r_out
-                if blob:
-                    blobs.append(blob)
-                if task.is_reduce:
-                    partial = part if partial is None else task.combine(partial, part)
+        for data in iter_blocks(path, BATCH_BYTES):
+            r_in, by, blob, r_out, part = process_data(data, task_name, params)
+            n_in += r_in
+            b_in += by
+            n_out += r_out
+            if blob:
+                blobs.append(blob)
+            if task.is_reduce:
+                partial = part if partial is None else task.combine(partial, part)
     if blobs and out_path:
         with open(out_path, "wb") as f:
             for blob in blobs:
@@ -55,9 +54,7 @@ def process_files(paths: list[str], task_name: str, params: dict, out_path: str 
 
 def iter_chunks(paths: list[str]):
     for path in paths:
-        with open_input(path) as stream:
-            for _, _, data in iter_line_chunks(stream, 0, BATCH_BYTES):
-                yield data
+        yield from iter_blocks(path, BATCH_BYTES)
 
 
 def batches(items: list, n: int) -> list[list]:
@@ -79,7 +76,8 @@ def merge(task_name: str, docs: list[dict], seconds: float) -> dict:
         if task.is_reduce and d["result"] is not None:
             result = d["result"] if result is None else task.combine(result, d["result"])
     return {"records_in": sum(d["records_in"] for d in docs), "records_out": sum(d["records_out"] for d in docs),
-            "bytes_in": sum(d["bytes_in"] for d in docs), "result": result, "seconds": seconds}
+            "bytes_in": sum(d["bytes_in"] for d in docs), "result": result, "seconds": seconds,
+            "ended_at": time.time()}  # wall clock: with `seconds`, the job's window for bench.measure
 
 
 def spec_from_argv() -> dict:

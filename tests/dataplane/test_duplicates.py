@@ -5,12 +5,15 @@ import threading
 
 import orjson
 import zmq
+import zstandard
 
 from mesh import protocol
 from mesh.codecs import frames
-from mesh.codecs.compression import get_codec
 from mesh.codecs.frames import Kind
-from mesh.execute import run_chunk
+from mesh.chunks import decode_descriptor
+from mesh.execute import run_reads
+from mesh.reader import iter_read
+from mesh.worker import _shipped_views
 from mesh.tasks import resolve_task
 from mesh.testing import running_mesh
 from reference import reference_run
@@ -25,7 +28,6 @@ def duplicating_worker(endpoint: str, stop: threading.Event, sent: list) -> None
     sock.connect(endpoint)
     protocol.send(sock, protocol.control("ready", credits=2, pid=1, core=0, node="rogue-node", slot=0))
     jobs = {}
-    zstd = get_codec("zstd")
     try:
         while not stop.is_set():
             if not sock.poll(50):
@@ -36,8 +38,12 @@ def duplicating_worker(endpoint: str, stop: threading.Event, sent: list) -> None
                 jobs[header.job_id] = (resolve_task(body["task"]), body["params"])
                 continue
             task, params = jobs[header.job_id]
-            outcome = run_chunk(task, params, header.segments, frames.segment_views(header, payload),
-                                max_segment_bytes=1 << 30, compress_output=zstd.compress)
+            _, reads = decode_descriptor(header.extra)  # a remote node: the owner's node ships the bytes
+            shipped = _shipped_views(reads, payload)
+            outcome = run_reads(task, params, reads,
+                                lambda read: iter_read(read, shipped.get(read.index), max_record_bytes=1 << 26),
+                                new_compressor=zstandard.ZstdCompressor().compressobj)
+            outcome.output = b"".join(outcome.output_pieces)
             result = frames.encode(Kind.RESULT, job_id=header.job_id, epoch=header.epoch, chunk_id=header.chunk_id,
                                    attempt=header.attempt, payload=outcome.output, record_count=outcome.records_out,
                                    extra=orjson.dumps(outcome.meta()))

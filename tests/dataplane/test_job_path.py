@@ -68,18 +68,19 @@ def test_parts_are_one_per_chunk_and_no_temp_files_remain(mesh, edge_corpus, tmp
     from mesh.source import plan_chunks
     files = list(FrozenPlan(tmp_path / "out" / PLAN))
     chunks = list(plan_chunks(files, chunk_size=CHUNK))
-    with_output = {c.key for c in chunks if any(_records_in_segment(c, s, files) for s in c.segments)}
+    with_output = {c.key for c in chunks if any(_records_owned(r) for r in c.reads)}
     assert status["summary"]["chunks_done"] == len(chunks)
     assert {key_of(p.name) for p in parts} == with_output and len(parts) == len(with_output)
 
 
-def _records_in_segment(chunk, segment, files) -> int:
-    """Records of one segment, counted without the code under test (small compressed files are
-    shipped compressed: read the file itself)."""
-    if segment.encoding == "none":
-        return segment.records
+def _records_owned(read) -> int:
+    """Records a read of a chunk owns, counted without the code under test: the lines that start
+    in (start, end] of the decoded file (and at 0 when start is 0)."""
     from reference import read_decompressed
-    return len(read_decompressed(files[segment.file_index].path).splitlines())
+    data = read_decompressed(read.path)
+    end = len(data) if read.end is None else min(read.end, len(data))
+    starts = [0] + [i + 1 for i, byte in enumerate(data) if byte == 10 and i + 1 < len(data)] if data else []
+    return sum(1 for p in starts if (read.start < p or p == read.start == 0) and p <= end)
 
 
 def test_committed_offsets_cover_every_file(mesh, edge_corpus, tmp_path):
@@ -162,9 +163,10 @@ def test_corrupt_compressed_input_is_a_dead_letter_not_a_crash(mesh, edge_corpus
     inputs = [edge_corpus[0], str(bad_small), str(bad_big)]
     _, status = run(mesh, inputs, "identity", {}, tmp_path / "out")
     assert status["state"] == "done", status
-    dead = [orjson.loads(line) for p in list_parts(tmp_path / "out", "dead") for line in p.read_bytes().splitlines()]
+    dead = [orjson.loads(line) for p in list_parts(tmp_path / "out", "unreadable") for line in p.read_bytes().splitlines()]
     files = {d["file"] for d in dead}
-    assert files == {str(bad_small), str(bad_big)}
+    assert files == {str(bad_small), str(bad_big)}  # input errors: unreadable-*.jsonl, naming the file
+    assert not list_parts(tmp_path / "out", "dead")  # (dead-*.jsonl: records the task refused)
     # the good file is complete, and the readable prefix of the truncated one went through
     out = b"".join(iter_output(tmp_path / "out"))
     from reference import read_decompressed
