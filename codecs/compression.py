@@ -9,8 +9,14 @@ Two uses, two shapes:
   many frames, a .lz4 many frames. `Decoder` turns such a concatenation into bounded reads, which
   `streams.py` uses for inputs of any size.
 
-Every lz4 / zstandard / zlib exception is translated here into `CodecError` (`raise ... from exc`):
-nothing above `mesh.codecs` ever sees a third-party exception.
+Every lz4 / zstandard / zlib / isal exception is translated here into `CodecError`
+(`raise ... from exc`): nothing above `mesh.codecs` ever sees a third-party exception.
+
+gzip is written with zlib (level 6, for the ratio) but always read with isal (ISA-L), which decodes
+the same streams, checks the same CRC32 and length trailers and raises `isal_zlib.error`. Measured
+here on 102 MB of JSON-lines logs (11 MB .gz, one core): `InputStream.read(4 MiB)` went from 0.60
+GB/s with zlib to 1.55 GB/s with isal, `decompress_whole` from 0.38 to 0.64 GB/s (zlib.decompress
+in one call: 0.47). isal releases the GIL while it inflates.
 
 Measured here (Python 3.11, 1 MiB of log lines): a fresh `ZstdCompressor(level=1)` per call costs
 11.5 us on a 4 KiB payload against 5.8 us when reused, so zstd contexts are kept per thread
@@ -23,6 +29,7 @@ import zlib
 
 import lz4.frame
 import zstandard
+from isal import isal_zlib
 
 from .errors import CodecError, FrameError
 
@@ -32,11 +39,14 @@ __all__ = ["CODEC_NAMES", "Codec", "Decoder", "get_codec", "decompress_whole", "
 CODEC_NAMES = ("none", "lz4", "zstd")
 ZSTD_LEVEL = 1
 GZIP_LEVEL = 6
-#: The exceptions the three libraries raise on bad input; translated at this boundary.
-_LIB_ERRORS = (zlib.error, zstandard.ZstdError, RuntimeError, ValueError, EOFError, OverflowError)
+#: The exceptions the libraries raise on bad input; translated at this boundary.
+_LIB_ERRORS = (zlib.error, isal_zlib.error, zstandard.ZstdError, RuntimeError, ValueError, EOFError,
+               OverflowError)
 #: zstd never regenerates more than 128 KiB from one block (RFC 8878, Block_Maximum_Size).
 _ZSTD_BLOCK_MAX = 128 * 1024
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+#: Input handed to isal per call by `_GzipDecoder` (see there).
+_GZIP_WINDOW = 128 * 1024
 
 
 class Codec:
@@ -149,9 +159,9 @@ class _GzipCodec(Codec):
             raise CodecError(self.name, f"gzip: cannot compress: {exc}") from exc
 
     def decompress(self, data, max_len: int) -> bytes:
-        """Decode exactly one gzip member (zlib checks its CRC32 and length trailer)."""
+        """Decode exactly one gzip member (isal checks its CRC32 and length trailer)."""
         try:
-            obj = zlib.decompressobj(31)
+            obj = isal_zlib.decompressobj(wbits=31)
             out = obj.decompress(data, max_len)
             # Output stopped at max_len: anything left besides the trailer means too long.
             if not obj.eof and obj.decompress(obj.unconsumed_tail, 1):
@@ -225,52 +235,62 @@ class _PlainDecoder(Decoder):
 
 class _GzipDecoder(Decoder):
     """Members one after another; zero bytes after the last member are padding (as gzip(1) and
-    Python's gzip module accept), anything else is an error."""
+    Python's gzip module accept), anything else is an error.
+
+    The library is handed at most `_GZIP_WINDOW` input bytes per call: its `unconsumed_tail` is a
+    copy of what it did not use, so handing it a whole shipped file (`decompress_whole`) would copy
+    the rest of that file once per bounded read."""
 
     name = "gzip"
 
-    def __init__(self):
+    def __init__(self, members: int = 0):
+        """`members`: how many members the stream had before this input (when > 0, zero bytes
+        right away are padding after the last of them)."""
         self._obj = None
-        self._tail = b""
-        self._members = 0
+        self._buf, self._pos = b"", 0
+        self._members = members
         self._padding = False
 
     def feed(self, data) -> None:
-        self._tail = self._tail + data if self._tail else bytes(data)
+        self._buf = self._buf[self._pos:] + data if self._pos < len(self._buf) else bytes(data)
+        self._pos = 0
 
     def read(self, max_len: int) -> bytes:
         try:
             while True:
+                buf, pos = self._buf, self._pos
                 if self._obj is None:
-                    if not self._tail:
+                    if pos == len(buf):
                         return b""
-                    if self._padding or (self._members and self._tail[0] == 0):
+                    if self._padding or (self._members and buf[pos] == 0):
                         self._check_padding()
                         return b""
-                    self._obj = zlib.decompressobj(31)
-                # Called even with no new input: zlib may hold output it had no room for.
-                before = len(self._tail)
-                out = self._obj.decompress(self._tail, max_len)
+                    self._obj = isal_zlib.decompressobj(wbits=31)
+                # Called even with no new input: isal may hold output it had no room for.
+                window = memoryview(buf)[pos:pos + _GZIP_WINDOW]
+                out = self._obj.decompress(window, max_len)
                 if self._obj.eof:
-                    self._tail, self._obj = self._obj.unused_data, None
+                    self._pos += len(window) - len(self._obj.unused_data)
+                    self._obj = None
                     self._members += 1
                 else:
-                    self._tail = self._obj.unconsumed_tail
+                    self._pos += len(window) - len(self._obj.unconsumed_tail)
                 if out:
                     return out
-                if self._obj is not None and (not self._tail or len(self._tail) == before):
+                if self._obj is not None and (self._pos == len(buf) or self._pos == pos):
                     return b""  # needs input (no progress without it)
-        except zlib.error as exc:
+        except _LIB_ERRORS as exc:
             raise CodecError(self.name, f"gzip: corrupt member {self._members + 1}: {exc}") from exc
 
     def _check_padding(self) -> None:
         self._padding = True
-        if self._tail.count(0) != len(self._tail):
+        rest = memoryview(self._buf)[self._pos:]
+        if rest.tobytes().count(0) != len(rest):
             raise CodecError(self.name, f"gzip: non-zero byte after member {self._members} and zero padding")
-        self._tail = b""
+        self._buf, self._pos = b"", 0
 
     def finish(self) -> None:
-        if self._obj is not None or (self._tail and not self._padding):
+        if self._obj is not None or (self._pos < len(self._buf) and not self._padding):
             raise CodecError(self.name, f"gzip: truncated: input ends inside member {self._members + 1}")
 
 

@@ -15,6 +15,10 @@ time and decoded by `compression.Decoder`, whose output per call is bounded.
 A stream that ends in an error (corrupt or truncated compressed data) first returns every byte
 decoded before the error, then raises on the next read; `iter_line_chunks` yields the complete
 lines among them and never the fragment of a line before the error as if it were a record.
+
+A worker that reads one planned range of a file rather than the whole of it uses `ranges.py`
+(`open_range`, `iter_owned_lines`), whose streams are `InputStream`s too; `pieces.py` and
+`gzindex.py` find where such ranges may start in .zst/.lz4 and .gz files.
 """
 from __future__ import annotations
 

@@ -776,6 +776,7 @@ class Daemon:
                      "in_flight_chunks": stats.in_flight_chunks, "chunks_done": stats.results},
             "in_flight_chunks": stats.in_flight_chunks, "bad_frames": stats.bad_frames,
             "stale_results": stats.stale_results, "other_epoch_reports": stats.other_epoch_reports,
+            "shipped_bytes": stats.shipped_bytes,
             "peers_denied": self.authenticator.denied if self.authenticator else 0, "updated_at": time.time(),
         }
         self.store.put(self.node_key, orjson.dumps(record), lease=self.lease.id)

@@ -13,6 +13,7 @@ line before it was yielded first).
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -78,7 +79,7 @@ def iter_read(read: FileRead, shipped: memoryview | None, *, max_record_bytes: i
 
 
 def _iter_file(read: FileRead, fd: int, max_record_bytes: int, block_size: int) -> Iterator[OwnedBlock | ReadFailure]:
-    index = load_gzip_index(read.path, read.gzip_index) if read.gzip_index else None
+    index = _gzip_index(read.path, read.gzip_index) if read.gzip_index else None
     raw_start, position = read.raw_start, read.position
     if read.gzip_index and index is None:  # gone from this node's state dir: decode from the top
         raw_start = position = 0
@@ -89,6 +90,26 @@ def _iter_file(read: FileRead, fd: int, max_record_bytes: int, block_size: int) 
         yield ReadFailure(read, read.start, read_error(read.path, read.start, exc))
         return
     yield from _blocks(read, stream, max_record_bytes, block_size)
+
+
+_INDEXES: OrderedDict[tuple[str, str], object] = OrderedDict()  # this process's loaded gzip indexes
+_MAX_INDEXES = 8
+
+
+def _gzip_index(path: str, index_file: str):
+    """The gzip index of `path`, loaded once per worker process (a few chunks of each big .gz
+    come here in a row). None when this node has no such index file (then decode from the top)."""
+    key = (path, index_file)
+    index = _INDEXES.get(key)
+    if index is None:
+        index = load_gzip_index(path, index_file)
+        if index is None:
+            return None
+        _INDEXES[key] = index
+        while len(_INDEXES) > _MAX_INDEXES:
+            _INDEXES.popitem(last=False)
+    _INDEXES.move_to_end(key)
+    return index
 
 
 def _blocks(read: FileRead, stream, max_record_bytes: int, block_size: int) -> Iterator[OwnedBlock | ReadFailure]:

@@ -46,6 +46,7 @@ from mesh.offsets import Watermarks
 from mesh.paths import inside_roots
 
 MAX_BUNDLE_FILES = 1024
+MIN_SPACING = 64 << 10  # gzip access points are at least this far apart (each holds a 32 KiB window)
 
 
 @dataclass(frozen=True)
@@ -355,7 +356,8 @@ def _gzip_cuts(f: InputFile, fd: int, chunk_size: int, index_dir: str | None):
                                digest_size=16).hexdigest()
     dest = os.path.join(index_dir, f"{identity}.gzidx")
     try:
-        index = load_gzip_index(f.path, dest) or build_gzip_index(f.path, dest, spacing=chunk_size)
+        index = load_gzip_index(f.path, dest) or build_gzip_index(f.path, dest, spacing=max(chunk_size, MIN_SPACING),
+                                                                  fd=fd)
     except CodecError:
         return None  # corrupt: the worker that reads it whole reports where, after the good lines
     points = [p for p in index.points]
