@@ -3,6 +3,7 @@ record by record, in input order, without any of the code under test (no mesh.co
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
 
 import lz4.frame
@@ -14,10 +15,15 @@ def read_decompressed(path: str) -> bytes:
     raw = Path(path).read_bytes()
     if path.endswith(".gz"):
         return gzip.decompress(raw) if raw else b""
-    if path.endswith(".zst"):
-        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
-    if path.endswith(".lz4"):
-        return lz4.frame.decompress(raw)
+    if path.endswith(".zst"):  # every frame (decompressobj alone stops after the first)
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw), read_across_frames=True).read()
+    if path.endswith(".lz4"):  # every frame, likewise
+        out, rest = [], raw
+        while rest:
+            decoder = lz4.frame.LZ4FrameDecompressor()
+            out.append(decoder.decompress(rest))
+            rest = decoder.unused_data
+        return b"".join(out)
     return raw
 
 
