@@ -289,7 +289,7 @@ def _run_reads(task: Task, params: dict, reads: Sequence, blocks_of, new_compres
     partial = None
     for read in reads:
         before = (outcome.records_in, outcome.records_out, outcome.failed_records, outcome.bytes_in,
-                  len(outcome.dead_letters), dead.dropped, dead.nbytes, dead.first_dropped)
+                  outcome.unreadable_segments, _marks(dead), _marks(unreadable))
         read_partial, buffered, buffered_bytes, flushed = None, [], 0, False
         blocks = iter([failed[read.index]]) if read.index in failed else blocks_of(read)
         while True:
@@ -302,7 +302,7 @@ def _run_reads(task: Task, params: dict, reads: Sequence, blocks_of, new_compres
                 if item.discard:
                     if flushed:
                         raise _Restart(item)
-                    _undo(outcome, dead, before)
+                    _undo(outcome, dead, unreadable, before)
                     read_partial, buffered, buffered_bytes = None, [], 0
                 unreadable.add(read.index, item.offset, item.error, b"", read.path)
                 outcome.unreadable_segments += 1
@@ -350,8 +350,14 @@ def _run_reads(task: Task, params: dict, reads: Sequence, blocks_of, new_compres
     return outcome
 
 
-def _undo(outcome: ChunkOutcome, dead: _DeadLetters, before: tuple) -> None:
+def _marks(letters: _DeadLetters) -> tuple:
+    return len(letters.entries), letters.dropped, letters.nbytes, letters.first_dropped
+
+
+def _undo(outcome: ChunkOutcome, dead: _DeadLetters, unreadable: _DeadLetters, before: tuple) -> None:
     """Forget what one read added to `outcome` (its file changed while it was read)."""
     (outcome.records_in, outcome.records_out, outcome.failed_records, outcome.bytes_in,
-     letters, dead.dropped, dead.nbytes, dead.first_dropped) = before
-    del outcome.dead_letters[letters:]
+     outcome.unreadable_segments, dead_marks, unreadable_marks) = before
+    for letters, (count, letters.dropped, letters.nbytes, letters.first_dropped) in ((dead, dead_marks),
+                                                                                     (unreadable, unreadable_marks)):
+        del letters.entries[count:]

@@ -43,6 +43,7 @@ def iter_read(read: FileRead, shipped: memoryview | None, *, max_record_bytes: i
     """The blocks of one read: from `shipped` (the raw bytes the owner's node sent) or the file.
     `readable_roots`: None to read any path (a job of our own node, whose owner checked it); else
     only paths under these roots (the shared roots, for another node's job)."""
+    block_size = min(block_size, max_record_bytes)
     if read.error:
         yield ReadFailure(read, read.start, read.error)
         return
@@ -101,6 +102,9 @@ def _gzip_index(path: str, index_file: str):
     come here in a row). None when this node has no such index file (then decode from the top)."""
     key = (path, index_file)
     index = _INDEXES.get(key)
+    if index is not None and not os.path.exists(index_file):  # removed since: decode from the top
+        del _INDEXES[key]
+        return None
     if index is None:
         index = load_gzip_index(path, index_file)
         if index is None:

@@ -271,7 +271,8 @@ def _plan_file(f: InputFile, chunk_size: int, start: int, index_dir: str | None,
             yield InputFailure(f.index, start, f.error, f.size)
             return
     if f.encoding == "none":
-        yield from _plan_ranges(f, chunk_size, start, _where(f.path, shared_roots))
+        failure = _unreadable(f, start)  # one dead letter for the file, not one per range
+        yield from [failure] if failure else _plan_ranges(f, chunk_size, start, _where(f.path, shared_roots))
         return
     cuts = _split_points(f, chunk_size, index_dir)
     if isinstance(cuts, InputFailure):
@@ -283,9 +284,27 @@ def _plan_file(f: InputFile, chunk_size: int, start: int, index_dir: str | None,
                                                 f"chunks when the job started, and cannot be now), so the job "
                                                 f"cannot resume inside it; replay the job from this file", f.size)
             return
-        yield _whole_file(f, _where(f.path, shared_roots))
+        failure = _unreadable(f, start)
+        yield failure or _whole_file(f, _where(f.path, shared_roots))
         return
     yield from _plan_cuts(f, cuts, start, _where(f.path, shared_roots, Where.LOCAL))
+
+
+def _unreadable(f: InputFile, start: int) -> InputFailure | None:
+    """Why a big file cannot be read now (vanished, changed, no permission), checked once here so
+    that it is one dead letter for the file rather than one per range; None when it can be. The
+    worker checks again (the file may change later), before and after reading."""
+    try:
+        fd = os.open(f.path, OPEN_FLAGS)
+    except OSError as exc:
+        return InputFailure(f.index, start, open_error(f.path, exc), f.size)
+    try:
+        found = changes_of_open(f, fd)
+    except OSError as exc:
+        return InputFailure(f.index, start, read_error(f.path, start, exc), f.size)
+    finally:
+        os.close(fd)
+    return InputFailure(f.index, start, changed_message(f.path, found), f.size) if found else None
 
 
 def _whole_file(f: InputFile, where: Where) -> PlannedChunk:
