@@ -51,8 +51,8 @@ def _curve(root: Path) -> CurveSettings:
     return CurveSettings(key_file=str(root / "keys" / "n1.key_secret"), allow_dir=str(root / "allow"))
 
 
-def _input(tmp_path: Path, records: int = 6000) -> str:
-    path = tmp_path / "in.jsonl"
+def _input(tmp_path: Path, records: int = 6000, name: str = "in.jsonl") -> str:
+    path = tmp_path / name
     path.write_bytes(b"".join(b'{"n":%d,"secret":"%s"}\n' % (i, MARKER) for i in range(records)))
     return str(path)
 
@@ -247,27 +247,32 @@ class LoopbackCapture:
         return bytes(self.data)
 
 
-def _captured_job(tmp_path: Path, name: str, **mesh_config) -> bytes:
+def _captured_job(tmp_path: Path, name: str, **mesh_config) -> tuple[bytes, int]:
+    """The bytes that crossed the dispatcher's port during one job, and the job's chunk count.
+    The input's NAME carries the marker too: workers read the file themselves, so what crosses
+    this port is chunk descriptors (paths, offsets) and results, and a path can be a secret."""
     (tmp_path / name).mkdir()
-    path = _input(tmp_path / name)
+    path = _input(tmp_path / name, name=f"in-{MARKER.decode()}.jsonl")
     with running_mesh(tmp_path / name / "state", workers=1, **mesh_config) as mesh:
         capture = LoopbackCapture(int(mesh.daemon.dispatcher.endpoint.rsplit(":", 1)[1]))
         try:
             job = mesh.client.submit([path], "identity", {}, out=str(tmp_path / name / "out"), chunk_size=CHUNK,
-                                     codec="none")  # uncompressed chunks: only CURVE can hide the records
-            assert job.wait(timeout_s=60)["state"] == "done"
+                                     codec="none")
+            status = job.wait(timeout_s=60)
+            assert status["state"] == "done"
         finally:
             wire = capture.stop()
     assert b"".join(iter_output(tmp_path / name / "out")) == _expected(path)
-    return wire
+    return wire, status["summary"]["chunks_done"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="capturing packets needs root (CI runs as root)")
-def test_records_never_cross_the_port_in_plaintext(keys, tmp_path):
-    plaintext = _captured_job(tmp_path, "plain", bind="tcp://127.0.0.1:*")  # plaintext TCP, as meshd with etcd
-    assert MARKER in plaintext  # the control: the capture sees the chunks
-    encrypted = _captured_job(tmp_path, "curve", node_id="n1", curve=_curve(keys))
-    assert len(encrypted) > 6000 * len(MARKER)  # the chunks did cross, encrypted
+def test_nothing_of_a_job_crosses_the_port_in_plaintext(keys, tmp_path):
+    plaintext, _ = _captured_job(tmp_path, "plain", bind="tcp://127.0.0.1:*")  # plaintext TCP, as meshd with etcd
+    assert MARKER in plaintext  # the control: the capture sees the descriptors (the path)
+    assert b'"secret":"' + MARKER not in plaintext  # and no record: the worker read the file itself
+    encrypted, chunks = _captured_job(tmp_path, "curve", node_id="n1", curve=_curve(keys))
+    assert chunks > 3 and len(encrypted) > chunks * 100  # descriptors and results did cross, encrypted
     assert MARKER not in encrypted
 
 
