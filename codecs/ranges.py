@@ -147,6 +147,10 @@ class _RangeStream(InputStream):
         super().skip_to(offset)
 
 
+#: Past a range's end, how much a reader asks for at a time while it finishes the last line.
+TAIL_READ = 64 << 10
+
+
 def iter_owned_lines(stream: InputStream, start: int, end: int | None, *, block_size: int,
                      max_record_bytes: int) -> Iterator[OwnedBlock]:
     """The lines the range [start, end) owns (see the module docstring), from `stream`
@@ -168,7 +172,7 @@ def iter_owned_lines(stream: InputStream, start: int, end: int | None, *, block_
         raise ValueError(f"the range must have 0 <= start <= end (got [{start}, {end}))")
     if stream.position != start:
         raise ValueError(f"the stream must be positioned at start {start} (it is at {stream.position})")
-    return _owned(_OwnedLines(stream, block_size, max_record_bytes), start, end)
+    return _owned(_OwnedLines(stream, block_size, max_record_bytes, end), start, end)
 
 
 def _owned(lines: _OwnedLines, start: int, end: int | None) -> Iterator[OwnedBlock]:
@@ -178,62 +182,80 @@ def _owned(lines: _OwnedLines, start: int, end: int | None) -> Iterator[OwnedBlo
 
 
 class _OwnedLines:
-    """A window over the stream: `buf` holds the bytes from decompressed offset `offset` on, and
-    `offset` is always a line start once the partial first line is skipped."""
+    """A window over the stream: `buf[pos:]` holds the bytes from decompressed offset `offset`
+    on, and `offset` is always a line start once the partial first line is skipped. Moving on
+    moves `pos` (no copy); a block is one slice of the window (one copy), or the window itself."""
 
-    def __init__(self, stream: InputStream, block_size: int, max_record_bytes: int):
+    def __init__(self, stream: InputStream, block_size: int, max_record_bytes: int, end: int | None = None):
         self._stream = stream
         self._block = block_size
         self._max = max_record_bytes
+        self._end = end
         self._buf = b""
+        self._pos = 0
         self._offset = stream.position
 
+    def _avail(self) -> int:
+        return len(self._buf) - self._pos
+
     def _fill(self) -> bool:
-        """Top the window up to `block_size` bytes; False when the stream has no more (a read
-        error raises here, only once the window's complete lines have been handed out)."""
-        data = self._stream.read(self._block - len(self._buf))
+        """Top the window up to `block_size` bytes, but never much past the range's end (only its
+        last line is read beyond it, TAIL_READ bytes at a time): a 1 MiB range is not a 4 MiB
+        read. False when the stream has no more (a read error raises here, only once the window's
+        complete lines have been handed out)."""
+        want = self._block - self._avail()
+        if self._end is not None:
+            want = min(want, max(self._end - self._stream.position, 0) + TAIL_READ)
+        data = self._stream.read(want)
         if data:
-            self._buf = self._buf + data if self._buf else data
+            self._buf = self._buf[self._pos:] + data if self._avail() else data
+            self._pos = 0
         return bool(data)
 
     def skip_past_newline(self) -> bool:
-        """Drop everything up to and including the next b"\\n"; False at the end of the stream."""
+        """Drop everything up to and including the next b"\n"; False at the end of the stream."""
         while True:
-            cut = self._buf.find(b"\n") + 1
+            cut = self._buf.find(b"\n", self._pos) + 1
             if cut:
-                self._offset += cut
-                self._buf = self._buf[cut:]
+                self._offset += cut - self._pos
+                self._pos = cut
                 return True
-            self._offset += len(self._buf)
-            self._buf = b""
+            self._offset += self._avail()
+            self._buf, self._pos = b"", 0
             if not self._fill():
                 return False
 
     def blocks(self, end: int | None) -> Iterator[OwnedBlock]:
         while end is None or self._offset <= end:
-            if len(self._buf) < self._block and not self._fill() and not self._buf:
+            if self._avail() < self._block and not self._fill() and not self._avail():
                 return  # the end of the stream: no line starts there
-            buf, offset = self._buf, self._offset
+            buf, pos, offset = self._buf, self._pos, self._offset
             limit = len(buf)
-            if end is not None and offset + limit > end:  # the window reaches `end`: stop after its line
-                stop = buf.find(b"\n", end - offset) + 1
+            if end is not None and offset + (limit - pos) > end:  # the window reaches `end`: stop after its line
+                stop = buf.find(b"\n", pos + (end - offset)) + 1
                 if stop:
                     limit = stop
-            cut = buf.rfind(b"\n", 0, limit) + 1
+            cut = buf.rfind(b"\n", pos, limit) + 1
             if cut:
-                data = buf if cut == len(buf) else buf[:cut]
-                self._buf, self._offset = (b"" if cut == len(buf) else buf[cut:]), offset + cut
-                yield OwnedBlock(offset, data, cut)  # (cut at `limit`: the next line starts past `end`)
-            elif len(buf) < self._block and not self._fill():
-                self._buf, self._offset = b"", offset + len(buf)  # the last line, without a b"\n"
-                yield OwnedBlock(offset, buf, len(buf))  # (shorter than block_size: within the limit)
-            elif len(self._buf) >= self._block:
+                data = buf if pos == 0 and cut == len(buf) else buf[pos:cut]
+                self._offset = offset + (cut - pos)
+                if cut == len(buf):
+                    self._buf, self._pos = b"", 0
+                else:
+                    self._pos = cut
+                yield OwnedBlock(offset, data, cut - pos)  # (cut at `limit`: the next line starts past `end`)
+            elif self._avail() < self._block and not self._fill():
+                data = buf[pos:]  # the last line, without a b"\n" (the window is unchanged: nothing more came)
+                self._buf, self._pos, self._offset = b"", 0, offset + len(data)
+                yield OwnedBlock(offset, data, len(data))  # (shorter than block_size: within the limit)
+            elif self._avail() >= self._block:
                 yield self._long_line()
 
     def _long_line(self) -> OwnedBlock:
         """The window holds no b"\\n": extend it to the next one (or the end of the stream),
         keeping the pieces only while the line fits the record limit."""
-        offset, head = self._offset, self._buf
+        offset, head = self._offset, self._buf[self._pos:]
+        self._pos = 0
         parts: list[bytes] | None = [head]
         size = len(head)
         while True:
@@ -244,7 +266,7 @@ class _OwnedLines:
                 parts = None
             if cut or not piece:  # b"": the end of the stream (an error ending it was raised by read)
                 length = size + cut if cut else size
-                self._buf, self._offset = (piece[cut:] if cut else b""), offset + length
+                self._buf, self._pos, self._offset = (piece[cut:] if cut else b""), 0, offset + length
                 if parts is None:
                     return OwnedBlock(offset, None, length)
                 parts.append(piece[:cut] if cut else b"")
