@@ -23,7 +23,7 @@ STORE_FIELDS = ("store_max_value_bytes", "store_max_value_key", "store_written_b
 
 
 def _cores() -> int:
-    """The cores in this process's affinity set, as chunkmesh counts them (mesh.pool.available_cores)."""
+    """The cores in this process's affinity set, as chunkmesh counts them (mesh.workers.pool.available_cores)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

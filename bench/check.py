@@ -9,7 +9,7 @@ import zstandard
 
 def read_records(out_dir: str, kind: str) -> list[bytes]:
     if kind == "mesh":
-        from mesh.outputs import iter_output
+        from mesh.job.outputs import iter_output
         data = b"".join(iter_output(out_dir))
     else:
         parts = []

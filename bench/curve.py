@@ -18,9 +18,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mesh.logs import configure_logging
-from mesh.pool import available_cores
-from mesh.security import CurveSettings, generate_keypair
-from mesh.testing import running_mesh
+from mesh.workers.pool import available_cores
+from mesh.node.security import CurveSettings, generate_keypair
+from mesh.faces.testing import running_mesh
 
 PARAMS = {"where": "status>=400", "fields": "ts,ip,url,status"}
 

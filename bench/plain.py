@@ -14,10 +14,10 @@ import argparse
 import sys
 import time
 
-from mesh.cli import parse_param
+from mesh.faces.cli import parse_param
 from mesh.codecs.compression import get_codec
 from mesh.codecs.records import join_records, split_records
-from mesh.source import expand_inputs
+from mesh.job.source import expand_inputs
 from mesh.tasks import resolve_task
 
 from bench.readers import BATCH_BYTES, iter_blocks

@@ -21,8 +21,8 @@ import time
 import orjson
 
 from bench.plain import run_plain
-from mesh.cli import parse_param
-from mesh.pool import available_cores
+from mesh.faces.cli import parse_param
+from mesh.workers.pool import available_cores
 
 DEFAULT_PARAMS = ["where=status>=400", "fields=ts,ip,url,status"]
 

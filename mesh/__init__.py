@@ -10,8 +10,8 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Client": "mesh.client",
-    "Job": "mesh.client",
+    "Client": "mesh.faces.client",
+    "Job": "mesh.faces.client",
     "JobSpec": "mesh.coordinator.jobs",
     "MeshError": "mesh.errors",
     "MeshBusy": "mesh.errors",

@@ -1,7 +1,7 @@
 """`python -m mesh` is meshctl."""
 import sys
 
-from mesh.cli import main
+from mesh.faces.cli import main
 
 # Guarded: worker processes import the main module again (as __mp_main__).
 if __name__ == "__main__":

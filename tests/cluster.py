@@ -31,7 +31,7 @@ class Cluster:
         log = open(self.root / f"{node_id}.log", "ab")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}  # sample_tasks for workers
         args = ["--workers", str(workers)] if workers is not None else []
-        proc = subprocess.Popen([sys.executable, "-m", "mesh.daemon_main", "--coordinator", self.etcd.url,
+        proc = subprocess.Popen([sys.executable, "-m", "mesh.node.daemon_main", "--coordinator", self.etcd.url,
                                  "--node-id", node_id, "--lease-ttl", str(lease_ttl_s),
                                  "--state-dir", str(self.root / "state" / node_id), *args, *extra_args],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)

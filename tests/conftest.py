@@ -63,7 +63,7 @@ def edge_corpus(tmp_path_factory, access_log_records) -> list[str]:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
     """One in-process mesh (daemon + 2 pinned worker processes) per test module."""
-    from mesh.testing import running_mesh
+    from mesh.faces.testing import running_mesh
 
     with running_mesh(tmp_path_factory.mktemp("state"), workers=2, task_modules=("sample_tasks",)) as running:
         yield running

@@ -10,7 +10,7 @@ import sys
 import orjson
 import pytest
 
-from mesh.cli import EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
+from mesh.faces.cli import EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_OK, EXIT_USAGE
 from mesh.coordinator.config import SCHEMA, format_value
 from mesh.coordinator.embedded import open_embedded_store
 

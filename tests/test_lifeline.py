@@ -11,7 +11,7 @@ pytestmark = pytest.mark.timeout(60)
 
 LATE_CHILD = textwrap.dedent("""
     import os, select, sys, time
-    from mesh.lifeline import die_with_parent
+    from mesh.workers.lifeline import die_with_parent
     parent = int(sys.argv[1])
     # the parent's exit as an event: a pidfd turns readable when it exits, after the kernel has
     # already handed its children to a new parent (exit_notify reparents before it notifies)

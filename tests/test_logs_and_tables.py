@@ -8,7 +8,7 @@ import pytest
 import structlog
 
 from mesh.logs import configure_logging
-from mesh.tables import node_problems
+from mesh.faces.tables import node_problems
 
 
 @pytest.fixture(autouse=True)

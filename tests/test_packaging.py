@@ -15,7 +15,7 @@ def test_wheel_installs_and_imports_outside_the_repository(tmp_path):
                     "-w", str(tmp_path / "dist"), str(REPO)], check=True, timeout=300, capture_output=True)
     wheel = next((tmp_path / "dist").glob("chunkmesh-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("mesh/cli.py", "mesh/codecs/frames.py", "mesh/coordinator/store.py", "mesh/tasks/builtin.py"):
+    for module in ("mesh/faces/cli.py", "mesh/codecs/frames.py", "mesh/coordinator/store.py", "mesh/tasks/builtin.py"):
         assert module in names, module
     assert not [n for n in names if n.startswith(("codecs/", "coordinator/", "tests/"))]
     site = tmp_path / "site"

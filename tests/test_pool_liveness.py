@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.pool import WorkerPool
-from mesh.worker import WorkerConfig
+from mesh.workers.pool import WorkerPool
+from mesh.workers.worker import WorkerConfig
 from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,4 +1,4 @@
-"""mesh.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
+"""mesh.node.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from mesh.sdnotify import Notifier, parse_address
+from mesh.node.sdnotify import Notifier, parse_address
 
 
 @pytest.fixture

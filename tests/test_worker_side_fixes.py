@@ -20,14 +20,14 @@ import pytest
 import zmq
 
 import mesh.tasks
-from mesh import protocol
+from mesh.transport import protocol
 from mesh.codecs import frames
 from mesh.codecs.compression import get_codec
 from mesh.codecs.frames import Kind, Segment
-from mesh.outputs import iter_output
-from mesh.security import Keypair
+from mesh.job.outputs import iter_output
+from mesh.node.security import Keypair
 from mesh.tasks import resolve_task
-from mesh.testing import running_mesh
+from mesh.faces.testing import running_mesh
 from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)

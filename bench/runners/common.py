@@ -12,7 +12,7 @@ import orjson
 
 from mesh.codecs.compression import get_codec
 from mesh.codecs.records import join_records, split_records
-from mesh.source import expand_inputs
+from mesh.job.source import expand_inputs
 from mesh.tasks import resolve_task
 
 from bench.readers import BATCH_BYTES, iter_blocks

@@ -12,7 +12,7 @@ from typing import Iterable
 import orjson
 
 from mesh.codecs.compression import get_codec
-from mesh.outputs import iter_output, list_parts
+from mesh.job.outputs import iter_output, list_parts
 
 DEAD_KINDS = ("dead", "unreadable")
 

@@ -47,7 +47,7 @@ from chaos_outputs import (compare_output, dead_letter_names, read_parts, read_r
                            report)
 from cluster import Cluster
 from etcd_server import EtcdServer
-from mesh.outputs import SUMMARY, part_name
+from mesh.job.outputs import SUMMARY, part_name
 
 CHUNK_SIZE = 1 << 20
 TASK = "sample_tasks:slow_jsonl"

@@ -17,13 +17,13 @@ import lz4.frame
 import pytest
 import zstandard
 
-from mesh.chunks import MAX_RECORD_BYTES
+from mesh.transport.chunks import MAX_RECORD_BYTES
 from mesh.codecs.errors import CodecError
 from mesh.codecs.ranges import OwnedBlock
 from mesh.codecs.streams import iter_line_chunks, open_input
-from mesh.offsets import Watermarks
-from mesh.reader import ReadFailure, iter_read
-from mesh.source import PlannedChunk, freeze_inputs, plan_chunks
+from mesh.job.offsets import Watermarks
+from mesh.workers.reader import ReadFailure, iter_read
+from mesh.job.source import PlannedChunk, freeze_inputs, plan_chunks
 
 pytestmark = pytest.mark.timeout(60)
 

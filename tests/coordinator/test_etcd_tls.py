@@ -28,11 +28,11 @@ import pytest
 
 from cluster import Cluster
 from etcd_server import EtcdServer, EtcdTls
-from mesh.cli import EXIT_UNAVAILABLE
+from mesh.faces.cli import EXIT_UNAVAILABLE
 from mesh.coordinator.connect import ETCD_ENV, open_store
 from mesh.coordinator.errors import StoreUnavailable
 from mesh.coordinator.etcd import open_etcd_store
-from mesh.outputs import iter_output
+from mesh.job.outputs import iter_output
 from reference import reference_run
 from store_contract import collect
 from tls_certs import TestPki, make_test_pki

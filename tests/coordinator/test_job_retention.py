@@ -189,7 +189,7 @@ def test_a_claim_is_recognised_by_node_and_lease(store):
 
 
 def test_meshctl_jobs_prune(store, capsys):
-    from mesh.cli import main
+    from mesh.faces.cli import main
 
     url = f"embedded://{store.state_dir}" if hasattr(store, "state_dir") else store.describe()
     jobs = JobStore(store)

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import pytest
 import zmq
 
-from mesh import dispatcher as dispatching
-from mesh import protocol
+from mesh.transport import dispatcher as dispatching
+from mesh.transport import protocol
 from mesh.codecs import frames
 from mesh.codecs.frames import Kind, Segment
-from mesh.dispatcher import Dispatcher, JobRoute
-from mesh.outputs import iter_output
-from mesh.testing import running_mesh
+from mesh.transport.dispatcher import Dispatcher, JobRoute
+from mesh.job.outputs import iter_output
+from mesh.faces.testing import running_mesh
 from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -72,7 +72,7 @@ class FakeWorker:
                                                     payload=payload, extra=extra)))
 
     def need_job(self, header: frames.Header) -> None:
-        """What a worker whose job cache let the chunk's job go answers (see mesh.protocol)."""
+        """What a worker whose job cache let the chunk's job go answers (see mesh.transport.protocol)."""
         self.answer(header, payload=b"", extra=b'{"need_job": true}')
 
 

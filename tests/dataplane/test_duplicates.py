@@ -7,15 +7,15 @@ import orjson
 import zmq
 import zstandard
 
-from mesh import protocol
+from mesh.transport import protocol
 from mesh.codecs import frames
 from mesh.codecs.frames import Kind
-from mesh.chunks import decode_descriptor
-from mesh.execute import run_reads
-from mesh.reader import iter_read
-from mesh.worker import _shipped_views
+from mesh.transport.chunks import decode_descriptor
+from mesh.workers.execute import run_reads
+from mesh.workers.reader import iter_read
+from mesh.workers.worker import _shipped_views
 from mesh.tasks import resolve_task
-from mesh.testing import running_mesh
+from mesh.faces.testing import running_mesh
 from reference import reference_run
 
 

@@ -12,9 +12,9 @@ import zmq
 from reference import reference_run
 from mesh.codecs import frames
 from mesh.codecs.frames import Kind, Segment
-from mesh.outputs import iter_output, list_parts
-from mesh.pool import available_cores
-from mesh.testing import running_mesh
+from mesh.job.outputs import iter_output, list_parts
+from mesh.workers.pool import available_cores
+from mesh.faces.testing import running_mesh
 from waiting import wait_until
 
 CHUNK = 64 * 1024

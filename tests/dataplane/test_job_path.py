@@ -8,7 +8,7 @@ import pytest
 
 from reference import reference_run
 from mesh.errors import OutputError
-from mesh.outputs import SUMMARY, iter_output, list_parts
+from mesh.job.outputs import SUMMARY, iter_output, list_parts
 
 CHUNK = 64 * 1024
 
@@ -63,9 +63,9 @@ def test_parts_are_one_per_chunk_and_no_temp_files_remain(mesh, edge_corpus, tmp
     assert not [n for n in names if n.startswith(".tmp")]
     parts = list_parts(tmp_path / "out")
     # the frozen plan, planned again here: one part per chunk that has output records, no other
-    from mesh.outputs import key_of
-    from mesh.plan import PLAN, FrozenPlan
-    from mesh.source import plan_chunks
+    from mesh.job.outputs import key_of
+    from mesh.job.plan import PLAN, FrozenPlan
+    from mesh.job.source import plan_chunks
     files = list(FrozenPlan(tmp_path / "out" / PLAN))
     chunks = list(plan_chunks(files, chunk_size=CHUNK))
     with_output = {c.key for c in chunks if any(_records_owned(r) for r in c.reads)}

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from mesh.errors import MeshError
-from mesh.outputs import iter_output
+from mesh.job.outputs import iter_output
 
 
 def lines(data: bytes) -> Counter:
@@ -103,7 +103,7 @@ def test_committed_offsets_stay_small_whatever_the_number_of_files():
     store stays a few hundred bytes, never one entry per file."""
     import orjson
 
-    from mesh.offsets import Watermarks
+    from mesh.job.offsets import Watermarks
 
     marks, largest = Watermarks(), 0
     bundles = [(lo, min(lo + 1024, 1_000_000)) for lo in range(0, 1_000_000, 1024)]
@@ -118,7 +118,7 @@ def test_committed_offsets_stay_small_whatever_the_number_of_files():
 
 def test_a_big_reduce_result_lives_in_the_output_directory_with_a_digest_in_the_store(mesh, access_log_records,
                                                                                         tmp_path):
-    from mesh.outputs import MAX_RESULT_IN_STORE
+    from mesh.job.outputs import MAX_RESULT_IN_STORE
 
     path = tmp_path / "in.jsonl"
     path.write_bytes(access_log_records)
@@ -142,8 +142,8 @@ def test_the_frozen_plan_is_read_as_a_stream_in_bounded_memory(tmp_path):
     holds one file at a time, and any file can be read back by index."""
     import tracemalloc
 
-    from mesh.plan import FrozenPlan, write_plan
-    from mesh.source import InputFile
+    from mesh.job.plan import FrozenPlan, write_plan
+    from mesh.job.source import InputFile
 
     n = 100_000
     files = (InputFile(index=i, path=f"/data/in/2026/11/24/app-{i:08d}.log", size=120, encoding="none", dev=2049,
@@ -167,8 +167,8 @@ def test_the_frozen_plan_is_read_as_a_stream_in_bounded_memory(tmp_path):
 
 def test_a_damaged_plan_is_refused_with_a_clear_error(tmp_path):
     from mesh.errors import OutputError
-    from mesh.plan import FrozenPlan, write_plan
-    from mesh.source import InputFile
+    from mesh.job.plan import FrozenPlan, write_plan
+    from mesh.job.source import InputFile
 
     with open(tmp_path / "_plan.jsonl", "wb") as f:
         write_plan(f, "j-1", [InputFile(index=i, path=f"/x/{i}", size=1, encoding="none") for i in range(3)])
@@ -182,8 +182,8 @@ def test_an_owner_that_lost_the_job_never_deletes_a_newer_owners_pending_files(t
     """Seen in the chaos soak: an old epoch's owner, slow in starting, reached its clean-up after
     its successor had started, deleted the successor's pending directory, and the healthy job
     failed ('cannot write pending part'). An owner removes only OLDER epochs' leftovers."""
-    from mesh.outputs import OutputDir, PENDING
-    from mesh.source import InputFile
+    from mesh.job.outputs import OutputDir, PENDING
+    from mesh.job.source import InputFile
 
     def plan():
         return [InputFile(index=0, path="/x", size=1, encoding="none")]
@@ -208,8 +208,8 @@ def test_an_owner_that_lost_the_job_never_deletes_a_newer_owners_pending_files(t
 def test_a_late_replay_owner_does_not_apply_a_rewind_its_successor_applied(tmp_path):
     """A replay's owner that lost the job before applying the rewind must not delete parts that
     its successor has committed since: seeing a newer epoch's pending directory, it steps down."""
-    from mesh.outputs import OutputDir
-    from mesh.source import InputFile
+    from mesh.job.outputs import OutputDir
+    from mesh.job.source import InputFile
 
     def plan():
         return [InputFile(index=0, path="/x", size=1, encoding="none")]
@@ -227,8 +227,8 @@ def test_the_winner_of_a_race_to_bind_leaves_the_losers_temp_plan_alone(tmp_path
     with 'No such file or directory' instead of the message naming the job that holds the
     directory. Epochs of different jobs are unrelated: an owner removes only its own job's."""
     from mesh.errors import OutputError
-    from mesh.outputs import OutputDir, _temp_name
-    from mesh.source import InputFile
+    from mesh.job.outputs import OutputDir, _temp_name
+    from mesh.job.source import InputFile
 
     def plan():
         return [InputFile(index=0, path="/x", size=1, encoding="none")]

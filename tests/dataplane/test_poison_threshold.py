@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mesh.coordinator.config import ConfigStore
-from mesh.outputs import list_parts
-from mesh.testing import running_mesh
+from mesh.job.outputs import list_parts
+from mesh.faces.testing import running_mesh
 from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import pytest
 import zmq
 
-from mesh import protocol
+from mesh.transport import protocol
 from mesh.codecs import frames
 from mesh.codecs.frames import Kind, Segment
-from mesh.dispatcher import Dispatcher, JobRoute
+from mesh.transport.dispatcher import Dispatcher, JobRoute
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -36,7 +36,7 @@ class Bench:
 
     def worker(self, connection: int) -> zmq.Socket:
         """Worker process 4242 of node n9, slot 0: each connection has its own identity (as in
-        mesh.worker), so the ROUTER never confuses the new one with the old."""
+        mesh.workers.worker), so the ROUTER never confuses the new one with the old."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, b"n9/0/4242/%d" % connection)
         sock.setsockopt(zmq.LINGER, 0)

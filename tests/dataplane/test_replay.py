@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from mesh.errors import InvalidSpec, StoreError
-from mesh.outputs import iter_output
+from mesh.job.outputs import iter_output
 from waiting import wait_until
 
 CHUNK = 64 * 1024

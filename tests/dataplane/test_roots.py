@@ -13,15 +13,15 @@ import time
 
 import pytest
 
-from mesh.cli import EXIT_USAGE, main
+from mesh.faces.cli import EXIT_USAGE, main
 from mesh.coordinator.config import ConfigStore
 from mesh.coordinator.jobs import JobSpec
 from mesh.coordinator.store import Put
 from mesh.errors import InvalidSpec, PathNotAllowed
-from mesh.outputs import iter_output, list_parts
-from mesh.plan import PLAN, write_plan
-from mesh.source import InputFile
-from mesh.paths import check_inside_roots, fixed_prefix
+from mesh.job.outputs import iter_output, list_parts
+from mesh.job.plan import PLAN, write_plan
+from mesh.job.source import InputFile
+from mesh.job.paths import check_inside_roots, fixed_prefix
 from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)

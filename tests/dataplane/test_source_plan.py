@@ -24,12 +24,12 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.chunks import FileRead, Where
+from mesh.transport.chunks import FileRead, Where
 from mesh.codecs.ranges import OwnedBlock
 from mesh.codecs.records import split_records
-from mesh.offsets import Watermarks
-from mesh.reader import ReadFailure, iter_read
-from mesh.source import InputFailure, InputFile, PlannedChunk, freeze_inputs, plan_chunks
+from mesh.job.offsets import Watermarks
+from mesh.workers.reader import ReadFailure, iter_read
+from mesh.job.source import InputFailure, InputFile, PlannedChunk, freeze_inputs, plan_chunks
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -629,7 +629,7 @@ def test_listing_a_folder_tree_streams_one_folder_at_a_time(tmp_path):
     20,000 paths (the owner of a million-file job held ~290 bytes per file this way)."""
     import tracemalloc
 
-    from mesh.source import iter_inputs
+    from mesh.job.source import iter_inputs
 
     for d in range(20):
         folder = tmp_path / "in" / f"d{d:02d}"

@@ -17,13 +17,13 @@ import orjson
 import pytest
 import zmq
 
-from mesh import protocol
+from mesh.transport import protocol
 from mesh.codecs import frames
 from mesh.codecs.compression import get_codec
 from mesh.codecs.frames import Kind, Segment
-from mesh.execute import MAX_DEAD_ERROR_CHARS
-from mesh.outputs import iter_output, list_parts
-from mesh.testing import running_mesh
+from mesh.workers.execute import MAX_DEAD_ERROR_CHARS
+from mesh.job.outputs import iter_output, list_parts
+from mesh.faces.testing import running_mesh
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import signal
 
 from reference import reference_run
-from mesh.outputs import iter_output
+from mesh.job.outputs import iter_output
 
 LEASE_TTL_S = 2.0
 

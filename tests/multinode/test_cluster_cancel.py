@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from cluster import progress, slow_job
-from mesh.testing import running_mesh
+from mesh.faces.testing import running_mesh
 from waiting import wait_until
 
 LEASE_TTL_S = 2.0

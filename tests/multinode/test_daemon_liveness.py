@@ -26,9 +26,9 @@ from mesh import Client
 from mesh.coordinator.errors import StoreError
 from mesh.coordinator.etcd import open_etcd_store
 from mesh.coordinator.store import Put
-from mesh.daemon import Daemon, DaemonConfig
-from mesh.outputs import iter_output
-from mesh.sdnotify import Notifier
+from mesh.node.daemon import Daemon, DaemonConfig
+from mesh.job.outputs import iter_output
+from mesh.node.sdnotify import Notifier
 from test_pool_liveness import PidsCgroup, forkserver_pid
 from waiting import wait_until
 

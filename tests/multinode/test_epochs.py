@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from cluster import progress, slow_job
-from mesh.outputs import iter_output
+from mesh.job.outputs import iter_output
 
 LEASE_TTL_S = 2.0
 

@@ -5,7 +5,7 @@ import os
 import signal
 
 from cluster import job_under_way, log_events, progress, slow_job
-from mesh.outputs import iter_output, list_parts
+from mesh.job.outputs import iter_output, list_parts
 
 LEASE_TTL_S = 2.0
 CHUNK = 64 * 1024

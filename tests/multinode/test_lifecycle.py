@@ -4,7 +4,7 @@ from __future__ import annotations
 import signal
 
 from cluster import job_under_way, progress, slow_job
-from mesh.outputs import iter_output, list_parts
+from mesh.job.outputs import iter_output, list_parts
 
 LEASE_TTL_S = 2.0
 CHUNK = 64 * 1024

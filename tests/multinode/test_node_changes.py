@@ -8,7 +8,7 @@ from collections import Counter
 
 from cluster import progress
 from mesh.coordinator.config import ConfigStore
-from mesh.outputs import iter_output
+from mesh.job.outputs import iter_output
 
 LEASE_TTL_S = 2.0
 

@@ -15,8 +15,8 @@ import pytest
 import zstandard
 
 from mesh.coordinator.config import ConfigStore
-from mesh.outputs import iter_output, list_parts
-from mesh.source import expand_inputs
+from mesh.job.outputs import iter_output, list_parts
+from mesh.job.source import expand_inputs
 from reference import reference_run
 
 pytestmark = pytest.mark.timeout(240)

@@ -29,7 +29,7 @@ Every message says what the daemon should make of it (`expect`):
   bad frame for the dispatcher. (With CURVE and a ZAP handler libzmq refuses ZMTP 1.0/2.0 peers.)
 
 Valid-looking messages are made with the project's own encoder (`frames.encode`, control bodies
-as `mesh.protocol` defines them, results as `run_chunk` + `Worker._process` make them), then
+as `mesh.transport.protocol` defines them, results as `run_chunk` + `Worker._process` make them), then
 mutated; a mutated header gets its CRC recomputed where the point is to reach the check behind it.
 
 Never generated: a fully valid `ready` (valid credits, node and slot). A peer that registers as
@@ -54,7 +54,7 @@ from mesh.codecs import frames
 from mesh.codecs.compression import get_codec
 from mesh.codecs.errors import FrameError
 from mesh.codecs.frames import MAX_EXTRA, MAX_PAYLOAD, Kind, Segment
-from mesh.execute import run_chunk
+from mesh.workers.execute import run_chunk
 from mesh.tasks import resolve_task
 from zmtp_raw import zmtp_deliverable, zmtp_greeting, zmtp_ready
 

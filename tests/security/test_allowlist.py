@@ -6,10 +6,10 @@ import orjson
 import pytest
 import zmq
 
-from mesh import protocol
+from mesh.transport import protocol
 from mesh.codecs import frames
 from mesh.codecs.frames import Kind, Segment
-from mesh.testing import running_mesh
+from mesh.faces.testing import running_mesh
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,14 +17,14 @@ import orjson
 import pytest
 import zmq
 
-from mesh import protocol
-from mesh.cli import main as meshctl
+from mesh.transport import protocol
+from mesh.faces.cli import main as meshctl
 from mesh.codecs import frames
 from mesh.codecs.frames import Kind
-from mesh.outputs import iter_output
+from mesh.job.outputs import iter_output
 from mesh.errors import InsecureBind, KeyFileError
-from mesh.security import CurveSettings, Keypair, generate_keypair, secure_client
-from mesh.testing import running_mesh
+from mesh.node.security import CurveSettings, Keypair, generate_keypair, secure_client
+from mesh.faces.testing import running_mesh
 from reference import reference_run
 from waiting import wait_until
 
@@ -90,7 +90,7 @@ def test_a_secret_key_others_can_read_is_refused(tmp_path):
 def test_plaintext_on_a_network_address_needs_an_explicit_flag(tmp_path):
     """Checked before anything binds: no socket is opened on 0.0.0.0 here."""
     from mesh.coordinator.embedded import open_embedded_store
-    from mesh.daemon import Daemon, DaemonConfig
+    from mesh.node.daemon import Daemon, DaemonConfig
     store = open_embedded_store(tmp_path / "state")
     try:
         with pytest.raises(InsecureBind, match="--insecure-bind"):
@@ -98,7 +98,7 @@ def test_plaintext_on_a_network_address_needs_an_explicit_flag(tmp_path):
     finally:
         store.close()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run([sys.executable, "-m", "mesh.daemon_main", "--coordinator", f"embedded://{tmp_path}/s2",
+    done = subprocess.run([sys.executable, "-m", "mesh.node.daemon_main", "--coordinator", f"embedded://{tmp_path}/s2",
                            "--bind", "0.0.0.0", "--workers", "1"], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2
     assert "without CURVE keys" in done.stderr and "--insecure-bind" in done.stderr
@@ -112,7 +112,7 @@ def test_the_transport_is_said_in_the_log(tmp_path, args, event, says):
     log = tmp_path / "meshd.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mesh.daemon_main", "--coordinator",
+        proc = subprocess.Popen([sys.executable, "-m", "mesh.node.daemon_main", "--coordinator",
                                  f"embedded://{tmp_path}/state", "--workers", "1", *args], stdout=out, stderr=out,
                                 env=env)
     try:
@@ -345,7 +345,7 @@ def test_sighup_rereads_the_allowlist(keys, tmp_path):
     log = tmp_path / "meshd.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mesh.daemon_main", "--coordinator",
+        proc = subprocess.Popen([sys.executable, "-m", "mesh.node.daemon_main", "--coordinator",
                                  f"embedded://{tmp_path}/state", "--node-id", "n1", "--workers", "1",
                                  "--curve-key", str(keys / "keys" / "n1.key_secret"),
                                  "--curve-allow", str(keys / "allow")], stdout=out, stderr=out, env=env)

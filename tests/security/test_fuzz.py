@@ -35,12 +35,12 @@ import zmq
 
 from fuzz import BAD_FRAME, RAW_AT_MOST, STALE, FrameFuzzer, FuzzSender, ReplayTarget, worker_result
 from zmtp_raw import zmtp_deliverable
-from mesh.client import Client
+from mesh.faces.client import Client
 from mesh.codecs.frames import Kind, encode
-from mesh.dispatcher import Dispatcher
-from mesh.outputs import iter_output
+from mesh.transport.dispatcher import Dispatcher
+from mesh.job.outputs import iter_output
 from mesh.ratelimit import DEFAULT_INTERVAL_S, DEFAULT_PER_INTERVAL
-from mesh.worker import Worker, WorkerConfig
+from mesh.workers.worker import Worker, WorkerConfig
 from reference import reference_run
 from waiting import wait_until
 
@@ -66,7 +66,7 @@ def meshd(root: Path, workers: int = WORKERS):
     coordinator = f"embedded://{root / 'coordinator'}"
     log_path = root / "meshd.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mesh.daemon_main", "--coordinator", coordinator,
+        proc = subprocess.Popen([sys.executable, "-m", "mesh.node.daemon_main", "--coordinator", coordinator,
                                  "--node-id", NODE, "--workers", str(workers), "--lease-ttl", str(LEASE_TTL_S),
                                  "--log-level", "info", "--drain-timeout", "10",
                                  "--state-dir", str(root / "state"),

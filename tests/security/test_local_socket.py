@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from mesh.testing import running_mesh
+from mesh.faces.testing import running_mesh
 
 pytestmark = pytest.mark.timeout(120)
 

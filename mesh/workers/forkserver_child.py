@@ -9,9 +9,9 @@ the parent it expects): a SIGKILLed meshd leaves no process behind.
 """
 import os
 
-from mesh.lifeline import DAEMON_PID_ENV, die_with_parent
+from mesh.workers.lifeline import DAEMON_PID_ENV, die_with_parent
 
 die_with_parent(int(os.environ.pop(DAEMON_PID_ENV, "0") or 0))
 FORKSERVER_PID = os.getpid()
 
-import mesh.worker  # noqa: E402,F401  (the preload itself: workers fork with it imported)
+import mesh.workers.worker  # noqa: E402,F401  (the preload itself: workers fork with it imported)

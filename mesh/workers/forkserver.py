@@ -1,6 +1,6 @@
 """Start the worker forkserver early, before the daemon's own heavy imports.
 
-Workers are forked from a forkserver preloaded with `mesh.worker` (forking the threaded daemon
+Workers are forked from a forkserver preloaded with `mesh.workers.worker` (forking the threaded daemon
 itself is unsafe; plain spawn re-imports everything per worker). Preloading takes ~0.3 s here;
 started first thing, it overlaps the daemon's imports on another core instead of following them.
 Light on purpose: imports only the stdlib.
@@ -11,9 +11,9 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 
-from mesh.lifeline import DAEMON_PID_ENV
+from mesh.workers.lifeline import DAEMON_PID_ENV
 
-PRELOAD = ["mesh.forkserver_child"]  # imports mesh.worker; see that module for why
+PRELOAD = ["mesh.workers.forkserver_child"]  # imports mesh.workers.worker; see that module for why
 
 
 def forkserver_context():

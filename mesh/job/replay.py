@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 
 from mesh.errors import InvalidSpec, OutputError
-from mesh.outputs import chunk_starts
-from mesh.plan import PLAN, FrozenPlan
+from mesh.job.outputs import chunk_starts
+from mesh.job.plan import PLAN, FrozenPlan
 
 
 def replay_offsets(out_dir: str, *, from_file: str | None = None, offset: int = 0) -> tuple[dict, dict]:

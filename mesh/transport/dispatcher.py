@@ -28,7 +28,7 @@ answers are stale) was only slow: it is taken back with a window its pipe holds 
 A peer can still hold the chunks of its window and answer none: only its node's death (node_lost)
 or, for our own workers, the pool (worker_lost) gets those back.
 
-Who gets a link: see `mesh.protocol` (`ready`). A worker that lost a job from its cache answers
+Who gets a link: see `mesh.transport.protocol` (`ready`). A worker that lost a job from its cache answers
 `need_job`; the job message and the chunk are sent again on the same link (MAX_NEED_JOB times at
 most per chunk, then the link is dropped).
 """
@@ -44,13 +44,13 @@ from typing import Any, Callable
 import psutil
 import zmq
 
-from mesh import protocol
-from mesh.chunks import FLAG_LOCAL_ONLY, MAX_RECORD_BYTES, decode_descriptor, encode_descriptor
+from mesh.transport import protocol
+from mesh.transport.chunks import FLAG_LOCAL_ONLY, MAX_RECORD_BYTES, decode_descriptor, encode_descriptor
 from mesh.codecs import frames
 from mesh.codecs.errors import FrameError
 from mesh.codecs.frames import Header, Kind
-from mesh.shipping import ship_reads
-from mesh.security import Keypair, secure_server
+from mesh.transport.shipping import ship_reads
+from mesh.node.security import Keypair, secure_server
 from mesh.ratelimit import LogRateLimiter
 from mesh.logs import get_logger
 
@@ -171,11 +171,11 @@ class Dispatcher:
         self.cut_off: OrderedDict[bytes, CutOff] = OrderedDict()
         self.set_aside: OrderedDict[bytes, WorkerLink] = OrderedDict()  # links of nodes whose lease lapsed
         self.retry: deque[Assignment] = deque()
-        self.local_wait: deque[Assignment] = deque()  # chunks only our own workers can read (mesh.chunks)
+        self.local_wait: deque[Assignment] = deque()  # chunks only our own workers can read (mesh.transport.chunks)
         self.peers: list[tuple[str, str | None]] = []  # (endpoint, CURVE public key)
         self.draining: frozenset[str] = frozenset()
         self._stats = DispatcherStatistics(0, 0, 0, 0, 0, 0, 0, 0)
-        self.log = get_logger("mesh.dispatcher").bind(node=node_id)
+        self.log = get_logger("mesh.transport.dispatcher").bind(node=node_id)
         self._bad_frame_log = LogRateLimiter(self.log, "bad_frame_dropped")  # lines per FrameError reason
         self._cut_off_log = LogRateLimiter(self.log, "worker_cut_off_pipe_full")  # lines per node
 
@@ -627,7 +627,7 @@ class Dispatcher:
 
     def _shipped(self, assignment: Assignment) -> Assignment:
         """The chunk with its files' raw bytes, for a worker of another node that cannot read
-        them (`mesh.shipping`); sent lz4-compressed. Read here, in the dispatcher thread: one
+        them (`mesh.transport.shipping`); sent lz4-compressed. Read here, in the dispatcher thread: one
         chunk's bytes, only for remote links."""
         key, reads = decode_descriptor(assignment.header.extra)
         reads, payload = ship_reads(reads, MAX_RECORD_BYTES)

@@ -1,7 +1,7 @@
 """A chunk as it travels: a descriptor of byte ranges of input files, never their bytes.
 
 The owner plans descriptors without reading the inputs (DESIGN.md, "The data plane"); a worker
-reads, decodes and line-aligns each range itself (`mesh.reader`). A descriptor is the CHUNK
+reads, decodes and line-aligns each range itself (`mesh.workers.reader`). A descriptor is the CHUNK
 frame's JSON body (`extra`); the frame's payload is empty unless the owner's node ships the raw
 bytes to a worker that cannot read the file (`Where.SHIP`).
 

@@ -7,7 +7,7 @@
     meshctl config status [--json]
 
 Every change is a compare-and-set against a version: `--expect-version` (what you last read), or
-the version read just before writing when it is not given. Errors reach `mesh.cli.main`, which
+the version read just before writing when it is not given. Errors reach `mesh.faces.cli.main`, which
 maps them to exit codes: InvalidConfig -> EXIT_USAGE (2), ConfigConflict -> EXIT_CONFLICT,
 ConfigVersionNotFound -> EXIT_NOT_FOUND.
 """
@@ -23,7 +23,7 @@ from typing import Iterator
 from rich.console import Console
 from rich.table import Table
 
-from mesh.cli import EXIT_OK, _print_json
+from mesh.faces.cli import EXIT_OK, _print_json
 from mesh.coordinator.config import FIELDS, SCHEMA, ClusterConfig, ConfigStore, format_value
 
 __all__ = ["add_config_commands", "fields_help"]
@@ -58,7 +58,7 @@ def _int_at_least(low: int):
 
 @contextmanager
 def _configs(args) -> Iterator[ConfigStore]:
-    from mesh.client import Client
+    from mesh.faces.client import Client
     with Client(args.coordinator) as client:
         yield ConfigStore(client.store, prefix=client.jobs.prefix)
 
@@ -136,7 +136,7 @@ def cmd_config_history(args) -> int:
 
 
 def cmd_config_status(args) -> int:
-    from mesh.client import Client
+    from mesh.faces.client import Client
     with Client(args.coordinator) as client:
         _, version, _ = ConfigStore(client.store, prefix=client.jobs.prefix).get()
         rows = ConfigStore.status(client.nodes(), version)

@@ -1,4 +1,4 @@
-"""`meshctl keys`: CURVE keypairs for the data plane (see mesh.security)."""
+"""`meshctl keys`: CURVE keypairs for the data plane (see mesh.node.security)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,7 @@ from mesh.errors import MeshError
 
 
 def cmd_keys_generate(args) -> int:
-    from mesh.security import generate_keypair
+    from mesh.node.security import generate_keypair
     try:
         public_path, secret_path = generate_keypair(args.dir, args.name, force=args.force)
     except MeshError as exc:

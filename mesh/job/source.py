@@ -12,7 +12,7 @@ and replay plans from it. Nothing here re-derives a bundle or a key from the fil
   a big file, or one that cannot be stat'ed, closes it too. A bundle is one chunk keyed (index of
   its first file, 0), whichever of its members can still be read;
 * a bigger plain file is cut into byte ranges of ``chunk_size`` on a fixed grid, keyed (file
-  index, range start); the worker line-aligns each range (`mesh.chunks`: a range owns the lines
+  index, range start); the worker line-aligns each range (`mesh.transport.chunks`: a range owns the lines
   that start inside it). A bigger ``.zst``/``.lz4`` is cut at frames (about ``chunk_size``
   decoded bytes apart; frame headers say their sizes), a bigger ``.gz`` at the access points of
   its gzip index (built once per file identity, kept in the node's state dir); keys and offsets
@@ -34,16 +34,16 @@ import stat
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator, Sequence
 
-from mesh.chunks import MAX_RECORD_BYTES, FileRead, Where
+from mesh.transport.chunks import MAX_RECORD_BYTES, FileRead, Where
 from mesh.codecs.errors import CodecError
 from mesh.codecs.gzindex import build_gzip_index, load_gzip_index
 from mesh.codecs.pieces import scan_pieces
 from mesh.codecs.streams import detect_encoding
 from mesh.errors import InputError
-from mesh.identity import (FINGERPRINT_BYTES, OPEN_FLAGS, changed_message, changes_of_open, fingerprint, open_error,
+from mesh.job.identity import (FINGERPRINT_BYTES, OPEN_FLAGS, changed_message, changes_of_open, fingerprint, open_error,
                            read_error)
-from mesh.offsets import Watermarks
-from mesh.paths import inside_roots
+from mesh.job.offsets import Watermarks
+from mesh.job.paths import inside_roots
 
 MAX_BUNDLE_FILES = 1024
 MIN_SPACING = 64 << 10  # gzip access points are at least this far apart (each holds a 32 KiB window)
@@ -79,7 +79,7 @@ class PlannedChunk:
     key: tuple[int, int]           # the frozen key: (bundle's first file, 0) or (file, start)
     reads: tuple[FileRead, ...]
     disk_bytes: int                # on-disk bytes this chunk accounts for (progress, ETA)
-    where: Where                   # who can read it (mesh.chunks)
+    where: Where                   # who can read it (mesh.transport.chunks)
     spans: tuple[tuple[int, int, int, bool], ...]
 
 

@@ -20,10 +20,10 @@ from typing import IO, Iterable, Iterator
 import orjson
 
 from mesh.errors import OutputError
-from mesh.source import InputFile
+from mesh.job.source import InputFile
 
 PLAN = "_plan.jsonl"
-PLAN_VERSION = 3  # 3: big files are cut into byte ranges that workers line-align (mesh.chunks)
+PLAN_VERSION = 3  # 3: big files are cut into byte ranges that workers line-align (mesh.transport.chunks)
 READABLE_VERSIONS = (2, 3)
 _BLOCK = 1 << 20
 

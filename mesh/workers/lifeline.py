@@ -13,7 +13,7 @@ import os
 import signal
 
 PR_SET_PDEATHSIG = 1
-DAEMON_PID_ENV = "MESH_FORKSERVER_PARENT"  # set by mesh.forkserver for the forkserver it starts
+DAEMON_PID_ENV = "MESH_FORKSERVER_PARENT"  # set by mesh.workers.forkserver for the forkserver it starts
 
 
 def die_with_parent(expected_parent: int | None = None) -> None:

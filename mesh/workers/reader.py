@@ -1,6 +1,6 @@
 """The worker's side of the source: read one chunk's file ranges, decoded and line-aligned.
 
-A read (`mesh.chunks.FileRead`) is checked before a byte is trusted: the path is opened (never
+A read (`mesh.transport.chunks.FileRead`) is checked before a byte is trusted: the path is opened (never
 through a FIFO), its identity compared with the frozen one (inode, size, mtime, first 4 KiB),
 and decoding never goes past the frozen size. After the range was read the file is checked
 again: a file that changed while it was read gives a `ReadFailure(discard=True)`: whatever the
@@ -17,14 +17,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
-from mesh.chunks import MAX_RECORD_BYTES, FileRead
+from mesh.transport.chunks import MAX_RECORD_BYTES, FileRead
 from mesh.codecs.records import count_records as count_lines
 from mesh.codecs.compression import get_codec
 from mesh.codecs.errors import CodecError
 from mesh.codecs.gzindex import load_gzip_index
 from mesh.codecs.ranges import OwnedBlock, iter_owned_lines, open_range
-from mesh.identity import OPEN_FLAGS, changed_message, changes, changes_of_open, changes_since, fingerprint, open_error, read_error
-from mesh.paths import inside_roots
+from mesh.job.identity import OPEN_FLAGS, changed_message, changes, changes_of_open, changes_since, fingerprint, open_error, read_error
+from mesh.job.paths import inside_roots
 
 BLOCK_SIZE = 4 << 20
 _ERRORS = (OSError, CodecError)

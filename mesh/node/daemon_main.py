@@ -26,16 +26,16 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
                drain_timeout_s: float = 30.0, config_file: str | None = None, bind: str | None = None,
                advertise: str | None = None, curve_key: str | None = None, curve_allow: str | None = None,
                insecure_bind: bool = False, stall_timeout_s: float = 60.0) -> int:
-    from mesh.sdnotify import Notifier
+    from mesh.node.sdnotify import Notifier
     notifier = Notifier.from_env(unset_environment=True)  # before any child inherits NOTIFY_SOCKET
 
-    from mesh.forkserver import start_forkserver
+    from mesh.workers.forkserver import start_forkserver
     start_forkserver()  # its preload overlaps the imports below
 
     from mesh.coordinator.connect import describe, open_store
-    from mesh.daemon import LOCAL_BIND, Daemon, DaemonConfig
+    from mesh.node.daemon import LOCAL_BIND, Daemon, DaemonConfig
     from mesh.errors import MeshError, StoreError
-    from mesh.security import CurveSettings
+    from mesh.node.security import CurveSettings
     from mesh.logs import configure_logging, get_logger
 
     configure_logging(log_level or "info")

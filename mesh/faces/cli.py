@@ -84,7 +84,7 @@ def _job_options(args) -> dict:
 def _result_of(summary: dict):
     """The reduce result, read from the output directory when the store holds only its digest."""
     from mesh.errors import OutputError
-    from mesh.outputs import load_result
+    from mesh.job.outputs import load_result
     try:
         return load_result(summary)
     except OutputError as exc:
@@ -110,13 +110,13 @@ def _report(status: dict, as_json: bool) -> int:
     if as_json:
         _print_json(doc)
     else:
-        from mesh.tables import print_summary
+        from mesh.faces.tables import print_summary
         print_summary(doc)
     return EXIT_OK if status["state"] == "done" else EXIT_JOB_FAILED
 
 
 def _wait_with_progress(job, args) -> int:
-    from mesh.progress import JobProgress
+    from mesh.faces.progress import JobProgress
     try:
         with JobProgress(job.id) as bar:
             status = job.wait(args.timeout, progress=bar.update)
@@ -130,12 +130,12 @@ def _wait_with_progress(job, args) -> int:
 # -- subcommands --
 def cmd_run(args) -> int:
     """One shot: an embedded mesh on this host, one job, progress, summary."""
-    from mesh.forkserver import start_forkserver
+    from mesh.workers.forkserver import start_forkserver
     start_forkserver()  # its preload overlaps the imports below
 
-    from mesh.client import Client
+    from mesh.faces.client import Client
     from mesh.coordinator.embedded import open_embedded_store
-    from mesh.daemon import LOCAL_BIND, Daemon, DaemonConfig
+    from mesh.node.daemon import LOCAL_BIND, Daemon, DaemonConfig
     from mesh.logs import configure_logging
     from mesh.tasks import task_module
 
@@ -160,13 +160,13 @@ def cmd_run(args) -> int:
 
 def cmd_up(args) -> int:
     """An embedded coordinator + one meshd in the foreground, until Ctrl-C / SIGTERM."""
-    from mesh.daemon_main import run_daemon
+    from mesh.node.daemon_main import run_daemon
     return run_daemon(args.coordinator, workers=args.workers, node_id=args.node_id,
                       log_level="debug" if args.verbose else "info")
 
 
 def cmd_submit(args) -> int:
-    from mesh.client import Client
+    from mesh.faces.client import Client
     with Client(args.coordinator) as client:
         job = client.submit(args.inputs, args.task, dict(args.param), out=args.out, **_job_options(args))
         if not args.wait:
@@ -180,13 +180,13 @@ def cmd_submit(args) -> int:
 
 def _show(args, fetch, render_name: str) -> int:
     """Fetch a document through the client; print it as JSON or as a table for people."""
-    from mesh.client import Client
+    from mesh.faces.client import Client
     with Client(args.coordinator) as client:
         doc = fetch(client)
     if args.json:
         _print_json(doc)
     else:
-        from mesh import tables
+        from mesh.faces import tables
         getattr(tables, render_name)(doc)
     return EXIT_OK
 
@@ -213,7 +213,7 @@ def cmd_jobs(args) -> int:
 
 def _prune_jobs(args) -> int:
     """Delete the records of finished jobs (their output directories stay), in batches."""
-    from mesh.client import Client
+    from mesh.faces.client import Client
     older_than_s = args.older_than or 0.0
     pruned: list[str] = []
     with Client(args.coordinator) as client:
@@ -227,12 +227,12 @@ def _prune_jobs(args) -> int:
 
 
 def _seconds(text: str) -> float:
-    from mesh.daemon_main import seconds_arg
+    from mesh.node.daemon_main import seconds_arg
     return seconds_arg(text, zero_ok=True)
 
 
 def cmd_cancel(args) -> int:
-    from mesh.client import Client
+    from mesh.faces.client import Client
     with Client(args.coordinator) as client:
         client.job(args.job).cancel()
     print(f"cancel requested for {args.job}", file=sys.stderr)
@@ -241,7 +241,7 @@ def cmd_cancel(args) -> int:
 
 def cmd_replay(args) -> int:
     """Reprocess a finished job, all of it or from FILE:OFFSET on."""
-    from mesh.client import Client
+    from mesh.faces.client import Client
     from_file, offset = None, 0
     if args.from_:
         from_file, sep, raw = args.from_.rpartition(":")
@@ -260,7 +260,7 @@ def cmd_replay(args) -> int:
 
 
 def cmd_drain(args) -> int:
-    from mesh.client import Client
+    from mesh.faces.client import Client
     with Client(args.coordinator) as client:
         if args.undo:
             client.undrain(args.node)
@@ -273,7 +273,7 @@ def cmd_drain(args) -> int:
 
 def _nodes_with_problems(client) -> list[dict]:
     import time
-    from mesh.tables import node_problems
+    from mesh.faces.tables import node_problems
     version = client.cluster_config_version()
     now = time.time()
     nodes = client.nodes()
@@ -287,7 +287,7 @@ def cmd_nodes(args) -> int:
 
 
 def cmd_cat(args) -> int:
-    from mesh.outputs import iter_output
+    from mesh.job.outputs import iter_output
     if not os.path.isdir(args.dir):
         return _fail(EXIT_USAGE, f"{args.dir} is not a directory")
     out = sys.stdout.buffer
@@ -359,9 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.set_defaults(func=cmd_cat)
 
-    from mesh.cli_config import add_config_commands  # here: cli_config imports this module
+    from mesh.faces.cli_config import add_config_commands  # here: cli_config imports this module
     add_config_commands(sub, common)
-    from mesh.cli_keys import add_keys_commands
+    from mesh.faces.cli_keys import add_keys_commands
     add_keys_commands(sub)
     return parser
 

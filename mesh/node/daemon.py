@@ -35,15 +35,15 @@ from mesh.coordinator.errors import (
 )
 from mesh.coordinator.jobs import JobStore
 from mesh.coordinator.store import Store
-from mesh.dispatcher import Dispatcher
+from mesh.transport.dispatcher import Dispatcher
 from mesh.errors import InsecureBind, KeyFileError, MeshError
 from mesh.logs import configure_logging, get_logger
-from mesh.node_config import NodeConfig
-from mesh.owner import Owner, OwnerSettings
-from mesh.pool import WorkerPool, available_cores
+from mesh.node.node_config import NodeConfig
+from mesh.job.owner import Owner, OwnerSettings
+from mesh.workers.pool import WorkerPool, available_cores
 from mesh.ratelimit import LogRateLimiter
-from mesh.security import Authenticator, CurveSettings, is_loopback, load_allowlist
-from mesh.worker import WorkerConfig
+from mesh.node.security import Authenticator, CurveSettings, is_loopback, load_allowlist
+from mesh.workers.worker import WorkerConfig
 
 # `bind` for a mesh of one host: a Unix socket in a fresh directory of mode 0700, which only the
 # daemon's user can reach (plaintext TCP on 127.0.0.1 lets any local user take a worker slot).
@@ -67,7 +67,7 @@ class DaemonConfig:
     advertise: str | None = None        # host peers reach our dispatcher at (when bound to a wildcard)
     prefix: str = "chunkmesh/"
     state_dir: str | None = None        # config cache (default: $MESH_STATE_DIR/nodes/<node id>)
-    curve: CurveSettings | None = None  # keys: encrypted, authenticated data plane (mesh.security)
+    curve: CurveSettings | None = None  # keys: encrypted, authenticated data plane (mesh.node.security)
     insecure_bind: bool = False         # allow a non-loopback bind without keys (a trusted network)
     stall_timeout_s: float = 60.0       # withhold systemd's watchdog after this long without progress
 
@@ -82,11 +82,11 @@ def _pick(local, cluster):
 class Daemon:
     def __init__(self, store: Store, cfg: DaemonConfig = DaemonConfig(), *, notifier=None):
         self.store = store
-        self.notifier = notifier  # mesh.sdnotify.Notifier under systemd: watchdog + status from the control loop
+        self.notifier = notifier  # mesh.node.sdnotify.Notifier under systemd: watchdog + status from the control loop
         self.cfg = cfg
         self.node_id = cfg.resolved_node_id()
         self.jobs = JobStore(store, prefix=cfg.prefix)
-        self.log = get_logger("mesh.daemon").bind(node=self.node_id)
+        self.log = get_logger("mesh.node.daemon").bind(node=self.node_id)
         state_dir = Path(cfg.state_dir) if cfg.state_dir else default_state_dir() / "nodes" / self.node_id
         self.node_config = NodeConfig(store, cfg.prefix, state_dir / "config.json", log=self.log)
         self.index_dir = str(state_dir / "gzip-index")  # gzip indexes of big .gz inputs, by file identity

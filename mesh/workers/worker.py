@@ -36,21 +36,21 @@ import psutil
 import zmq
 import zstandard
 
-from mesh import protocol
+from mesh.transport import protocol
 from mesh.codecs import frames
 from mesh.codecs.compression import ZSTD_LEVEL, get_codec
 from mesh.codecs.errors import FrameError
 from mesh.codecs.frames import Kind
 from mesh.errors import MeshError
-from mesh.chunks import decode_descriptor
+from mesh.transport.chunks import decode_descriptor
 from mesh.errors import OutputError
-from mesh.execute import ChunkOutcome, failed_chunk, run_chunk, run_reads, sendable
-from mesh.paths import inside_roots
-from mesh.reader import iter_read
-from mesh.sink import write_chunk_files
-from mesh.lifeline import die_with_parent
+from mesh.workers.execute import ChunkOutcome, failed_chunk, run_chunk, run_reads, sendable
+from mesh.job.paths import inside_roots
+from mesh.workers.reader import iter_read
+from mesh.job.sink import write_chunk_files
+from mesh.workers.lifeline import die_with_parent
 from mesh.logs import configure_logging, get_logger
-from mesh.security import Keypair, secure_client
+from mesh.node.security import Keypair, secure_client
 from mesh.ratelimit import LogRateLimiter
 from mesh.tasks import Task, resolve_task
 
@@ -118,7 +118,7 @@ class Worker:
         self.cfg = cfg
         self.busy_since = busy_since  # shared with the pool: when the current chunk started (0: idle)
         self.identity = worker_identity(cfg.node_id, cfg.slot, os.getpid())
-        self.log = get_logger("mesh.worker").bind(node=cfg.node_id, worker=cfg.slot, core=cfg.core)
+        self.log = get_logger("mesh.workers.worker").bind(node=cfg.node_id, worker=cfg.slot, core=cfg.core)
         self.jobs: dict[str, OrderedDict[tuple[str, int], KnownJob]] = {}  # link -> (job, epoch) -> job
         self.links: dict[str, zmq.Socket] = {}  # endpoint -> our connection to it
         self._link_names: dict[zmq.Socket, str] = {}
@@ -387,7 +387,7 @@ def _shipped_views(reads, payload) -> dict[int, memoryview]:
 
 def worker_main(cfg: WorkerConfig, busy_since=None) -> None:
     """Entry point of a worker process (multiprocessing target)."""
-    forkserver = sys.modules.get("mesh.forkserver_child")
+    forkserver = sys.modules.get("mesh.workers.forkserver_child")
     die_with_parent(getattr(forkserver, "FORKSERVER_PID", None))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -2,7 +2,7 @@
 
 Layout::
 
-    OUT/_plan.jsonl            the frozen plan (mesh.plan): a header naming the job, one input
+    OUT/_plan.jsonl            the frozen plan (mesh.job.plan): a header naming the job, one input
                                file per line (identity, bundle), a trailer. Created exclusively (a
                                hard link that fails if the name exists): it binds OUT to its job.
     OUT/.pending/eEPOCH/NAME   pending files of the owner of that epoch (temp + fsync + rename
@@ -33,8 +33,8 @@ import orjson
 
 from mesh.codecs.compression import get_codec
 from mesh.errors import OutputError
-from mesh.plan import PLAN, FrozenPlan, write_plan
-from mesh.source import InputFile
+from mesh.job.plan import PLAN, FrozenPlan, write_plan
+from mesh.job.source import InputFile
 
 SUMMARY = "_summary.json"
 RESULT = "_result.json"

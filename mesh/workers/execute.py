@@ -269,7 +269,7 @@ class _Restart(Exception):
 
 def run_reads(task: Task, params: dict, reads: Sequence, blocks_of, *, new_compressor) -> ChunkOutcome:
     """Process a descriptor chunk: for each read, the blocks `blocks_of(read)` yields
-    (`mesh.reader`: OwnedBlock or ReadFailure), records split per block, the task called once
+    (`mesh.workers.reader`: OwnedBlock or ReadFailure), records split per block, the task called once
     per block. Map output becomes one zstd frame (`new_compressor()`: an object with
     compress/flush), fed read by read, in bounded pieces. A read whose file changed while it was
     read (`ReadFailure.discard`) gives up everything it produced: its range is one dead letter."""

@@ -19,9 +19,9 @@ transaction; a replayed chunk key is recognised there and skipped.
 """
 from __future__ import annotations
 
-from mesh.accounting import Accounting, Spans, Tally
+from mesh.job.accounting import Accounting, Spans, Tally
 from mesh.coordinator.jobs import JobStore
-from mesh.outputs import OutputDir, fsync_dir
+from mesh.job.outputs import OutputDir, fsync_dir
 
 
 class Committer:

@@ -1,6 +1,6 @@
 """Test helpers, public on purpose: an in-process mesh on an embedded store, for your own tests.
 
-    from mesh.testing import running_mesh
+    from mesh.faces.testing import running_mesh
     def test_my_task(tmp_path):
         with running_mesh(tmp_path / "state", workers=2, task_modules=("mypkg",)) as mesh:
             job = mesh.client.submit([str(tmp_path / "in.jsonl")], "mypkg.tasks:clean", out=str(tmp_path / "out"))
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mesh.client import Client
+from mesh.faces.client import Client
 from mesh.coordinator.embedded import open_embedded_store
-from mesh.daemon import LOCAL_BIND, Daemon, DaemonConfig
+from mesh.node.daemon import LOCAL_BIND, Daemon, DaemonConfig
 
 
 @dataclass
@@ -35,7 +35,7 @@ def running_mesh(state_dir: str | Path, *, workers: int = 2, ready_timeout_s: fl
     state_dir = Path(state_dir)
     store = open_embedded_store(state_dir)
     if task_modules:
-        Client(store=store).allow_task_modules(*task_modules, comment="mesh.testing.running_mesh")
+        Client(store=store).allow_task_modules(*task_modules, comment="mesh.faces.testing.running_mesh")
     config.setdefault("state_dir", str(state_dir / "node"))
     if config.get("curve") is None:
         config.setdefault("bind", LOCAL_BIND)  # a socket only this user can reach

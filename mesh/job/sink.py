@@ -2,14 +2,14 @@
 
 A worker that can reach the job's output directory writes its chunk's files there itself
 (DESIGN.md, "The data plane"), exactly as the owner would have: pending, fsynced, invisible until
-the owner's fenced commit lists them (`mesh.commit`). The result then carries only counts and
+the owner's fenced commit lists them (`mesh.job.commit`). The result then carries only counts and
 which kinds of file were written; the owner derives their names from the chunk's key.
 """
 from __future__ import annotations
 
 import orjson
 
-from mesh.outputs import part_name, write_pending_file
+from mesh.job.outputs import part_name, write_pending_file
 
 #: The kinds of file a worker may say it wrote for a chunk (`outputs.part_name`).
 WRITABLE_KINDS = ("part", "partial", "dead", "unreadable")

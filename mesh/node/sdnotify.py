@@ -90,7 +90,7 @@ class Notifier:
         self.watchdog_usec = watchdog_usec if address is not None else None
         if log is None:
             from mesh.logs import get_logger  # here: meshd reads NOTIFY_SOCKET before its heavy imports
-            log = get_logger("mesh.sdnotify")
+            log = get_logger("mesh.node.sdnotify")
         self.log = log
         self._monotonic_usec = monotonic_usec
         self._lock = threading.Lock()

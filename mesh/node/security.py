@@ -27,7 +27,7 @@ import zmq.auth
 from zmq.utils import z85
 
 from mesh.errors import KeyFileError
-from mesh.outputs import fsync_dir
+from mesh.job.outputs import fsync_dir
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"

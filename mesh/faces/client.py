@@ -59,7 +59,7 @@ class Job:
     def dead_letters(self, limit: int = 5) -> list[dict]:
         """The first failed records / unreadable inputs (file, offset, error, record), read from
         the output directory (so: where it is reachable from here)."""
-        from mesh.outputs import first_dead_letters
+        from mesh.job.outputs import first_dead_letters
         return first_dead_letters(self._jobs.get_spec(self.id).out, limit)
 
     def wait(self, timeout_s: float | None = None, *,
@@ -92,7 +92,7 @@ class Job:
         status = self.wait(timeout_s)
         if status["state"] != "done":
             raise JobFailed(self.id, status["state"], status.get("reason", ""))
-        from mesh.outputs import load_result
+        from mesh.job.outputs import load_result
         return load_result(status["summary"])
 
     def cancel(self) -> None:
@@ -103,7 +103,7 @@ class Job:
         or from `from_file` at `offset` on (aligned down to a chunk start). Parts are replaced
         atomically; the replay's summary counts what was replayed. Needs the output directory
         (read here to align the offset). Returns the replay's description."""
-        from mesh.replay import replay_offsets
+        from mesh.job.replay import replay_offsets
 
         spec = self._jobs.get_spec(self.id)
         offsets, info = replay_offsets(spec.out, from_file=from_file, offset=offset)
@@ -116,7 +116,7 @@ def check_output_free(out: str) -> None:
     where this client can see it (the owning daemon checks again when it binds the directory,
     exclusively, and is the one that decides)."""
     from mesh.errors import OutputError
-    from mesh.outputs import already_bound_message, bound_job
+    from mesh.job.outputs import already_bound_message, bound_job
 
     job = bound_job(out)
     if job is not None:
@@ -180,7 +180,7 @@ class Client:
         """Submit now or raise MeshBusy (too many pending jobs) / InvalidSpec (all problems) /
         PathNotAllowed (an input or `out` outside the cluster's roots, as resolved here; the
         daemon checks again, file by file, and is the one that decides)."""
-        from mesh.paths import check_job_paths
+        from mesh.job.paths import check_job_paths
 
         config = self.cluster_config()  # one read for the defaults, the pending limit and the roots
         spec = self.make_spec(inputs, task, params, out=out, config=config, **options)

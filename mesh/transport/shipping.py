@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from mesh.chunks import FileRead
+from mesh.transport.chunks import FileRead
 from mesh.codecs.streams import read_upto
-from mesh.identity import OPEN_FLAGS, changed_message, changes_of_open, changes_since, open_error, read_error
+from mesh.job.identity import OPEN_FLAGS, changed_message, changes_of_open, changes_since, open_error, read_error
 
 TAIL_STEP = 64 << 10
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 
-from mesh.forkserver import forkserver_context
-from mesh.worker import WorkerConfig, worker_identity, worker_main
+from mesh.workers.forkserver import forkserver_context
+from mesh.workers.worker import WorkerConfig, worker_identity, worker_main
 from mesh.logs import get_logger
 
 RESTART_BACKOFF_MIN_S = 0.05
@@ -81,7 +81,7 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._last_spawn_error = ""
         self._no_worker_since: float | None = clock()  # until a worker has run RUNNING_AFTER_S
-        self.log = get_logger("mesh.pool").bind(node=base.node_id)
+        self.log = get_logger("mesh.workers.pool").bind(node=base.node_id)
 
     def _new_slot(self, index: int) -> _Slot:
         return _Slot(cfg=replace(self._base, slot=index, core=self._cores[index % len(self._cores)]))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from mesh.offsets import Watermarks
+from mesh.job.offsets import Watermarks
 
 Spans = list[tuple[int, int, int, bool]]
 

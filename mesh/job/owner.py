@@ -17,25 +17,25 @@ from dataclasses import dataclass
 import orjson
 import zmq
 
-from mesh import protocol
-from mesh.chunks import encode_descriptor
+from mesh.transport import protocol
+from mesh.transport.chunks import encode_descriptor
 from mesh.codecs import frames
 from mesh.codecs.frames import Kind
-from mesh.sink import WRITABLE_KINDS, dead_letter_lines
+from mesh.job.sink import WRITABLE_KINDS, dead_letter_lines
 from mesh.coordinator.jobs import JobSpec, JobStore
-from mesh.dispatcher import Assignment, Dispatcher, JobRoute
+from mesh.transport.dispatcher import Assignment, Dispatcher, JobRoute
 from mesh.errors import MeshError, NotOwner, StoreError, StoreRequestRejected
-from mesh.accounting import Accounting, Tally
-from mesh.offsets import Watermarks
-from mesh.commit import Committer
-from mesh.outputs import (MAX_RESULT_IN_STORE, RESULT, SUMMARY, OutputDir, list_parts, part_name,
+from mesh.job.accounting import Accounting, Tally
+from mesh.job.offsets import Watermarks
+from mesh.job.commit import Committer
+from mesh.job.outputs import (MAX_RESULT_IN_STORE, RESULT, SUMMARY, OutputDir, list_parts, part_name,
                           result_reference)
-from mesh.paths import check_input_files, check_job_paths, checked_input_files, inside_roots
-from mesh.plan import PLAN_VERSION, FrozenPlan
-from mesh.reader import count_records
-from mesh.source import MAX_RECORD_BYTES, InputFailure, PlannedChunk, iter_freeze_inputs, iter_inputs, plan_chunks
+from mesh.job.paths import check_input_files, check_job_paths, checked_input_files, inside_roots
+from mesh.job.plan import PLAN_VERSION, FrozenPlan
+from mesh.workers.reader import count_records
+from mesh.job.source import MAX_RECORD_BYTES, InputFailure, PlannedChunk, iter_freeze_inputs, iter_inputs, plan_chunks
 from mesh.tasks import resolve_task
-from mesh.worker import node_of
+from mesh.workers.worker import node_of
 from mesh.logs import get_logger
 
 SEND_POLL_MS = 100
@@ -67,10 +67,10 @@ class Owner:
         self.node_id = node_id
         self.on_exit = on_exit
         self.allowed_modules = allowed_modules  # None: any module (cluster config "*")
-        self.input_roots, self.output_roots = input_roots, output_roots  # (): anywhere (mesh.paths)
+        self.input_roots, self.output_roots = input_roots, output_roots  # (): anywhere (mesh.job.paths)
         self.shared_roots = shared_roots  # (): nothing is shared; other nodes get bytes shipped
         self.index_dir = index_dir  # this node's gzip indexes (None: big .gz files are not cut)
-        self.log = get_logger("mesh.owner").bind(node=node_id, job=job_id, epoch=epoch)
+        self.log = get_logger("mesh.job.owner").bind(node=node_id, job=job_id, epoch=epoch)
         self.inbox: queue.Queue = queue.Queue()
         self.stop_source = threading.Event()
         self.stepping_down = threading.Event()

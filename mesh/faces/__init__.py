@@ -1,0 +1,1 @@
+"""The faces: mesh.Client, meshctl, its tables and progress bar, and the public test helper."""
