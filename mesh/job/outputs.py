@@ -219,6 +219,10 @@ class OutputDir:
                 found.append((int(m.group(1)), entry.path))
         return found
 
+    def has_pending(self, name: str) -> bool:
+        """Is `name` pending in this epoch's directory (written by a worker, not yet visible)?"""
+        return (self.pending / name).exists()
+
     def write_pending(self, name: str, data: bytes | memoryview) -> None:
         """A pending file of this epoch (see `write_pending_file`)."""
         write_pending_file(self.path, self.job_id, self.epoch, name, data)

@@ -39,6 +39,9 @@ from mesh.workers.worker import node_of
 from mesh.logs import get_logger
 
 SEND_POLL_MS = 100
+#: A poison chunk's records are counted (read again, here) for the failure budget up to this size;
+#: a bigger one (a whole compressed file that cannot be cut) counts one record per file read.
+MAX_POISON_COUNT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -327,6 +330,10 @@ class Owner:
         names = []
         if isinstance(wrote, list):  # the worker wrote its pending files itself
             names = [part_name(kind, *chunk.key) for kind in WRITABLE_KINDS if kind in wrote]
+            missing = [n for n in names if not self.out.has_pending(n)]
+            if missing:  # finalising would take them for renamed already: never commit a part that is not there
+                return (f"a worker reported pending files that are not in {self.out.pending}: {missing} "
+                        f"(removed by another owner of this job?)")
         elif self.task.is_reduce:
             partial = body.get("partial")
             if partial is not None:
@@ -356,7 +363,8 @@ class Owner:
         dead = [{"file_index": r.index, "offset": r.start, "error": error, "record": ""} for r in chunk.reads]
         name = self._dead_letters("dead", chunk.key, dead)
         self.log.warning("poison_chunk", chunk=assignment.header.chunk_id, key=chunk.key, blame=assignment.blame)
-        self._chunk_done(chunk, Tally(failed_records=count_records(chunk.reads)), [name] if name else [])
+        records = count_records(chunk.reads) if chunk.disk_bytes <= MAX_POISON_COUNT_BYTES else len(chunk.reads)
+        self._chunk_done(chunk, Tally(failed_records=records), [name] if name else [])
 
     def _chunk_done(self, chunk: PlannedChunk, tally: Tally, names: list[str]) -> None:
         tally.chunks_done = 1
