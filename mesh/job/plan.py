@@ -1,7 +1,7 @@
 """The frozen plan of a job on disk (`OUT/_plan.jsonl`), read as a stream.
 
 Format: one JSON object per line. First a header `{"job", "version"}`, then one input file per
-line (`dataclasses.asdict(InputFile)`, in index order), last a trailer `{"files": N}` that says
+line (an InputFile as orjson writes a dataclass: its fields by name, in index order), last a trailer `{"files": N}` that says
 the plan is complete. It is written once, by the first owner, streaming (a million inputs never
 sit in memory as objects), and never changed.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from array import array
-from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
@@ -33,7 +32,7 @@ def write_plan(out: IO[bytes], job_id: str, files: Iterable[InputFile]) -> int:
     out.write(orjson.dumps({"job": job_id, "version": PLAN_VERSION}) + b"\n")
     count = 0
     for f in files:
-        out.write(orjson.dumps(asdict(f)) + b"\n")
+        out.write(orjson.dumps(f) + b"\n")  # orjson writes a dataclass natively (asdict: 40 us a file)
         count += 1
     out.write(orjson.dumps({"files": count}) + b"\n")
     return count
