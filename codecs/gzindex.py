@@ -484,3 +484,42 @@ def _fixed_code(symbol: int) -> tuple[int, int]:
 def _put_code(value: int, count: int, code: int, length: int) -> tuple[int, int]:
     """Append a Huffman code (sent most significant bit first) to a little-endian bit string."""
     return value | int(format(code, f"0{length}b")[::-1], 2) << count, count + length
+
+
+def build_in_child(path: str, dest: str, *, spacing: int, fd: int, timeout_s: float = 3600) -> GzipIndex:
+    """`build_gzip_index` in a child process reading our `fd`: indexed_gzip holds the GIL for the
+    whole pass, which would stall every other thread of a daemon (its dispatcher, its owners)
+    for ~1.5 s per GB. CodecError for a file that is not good gzip, OSError for a failed read."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "mesh.codecs.gzindex", str(fd), path, dest, str(spacing)],
+                          pass_fds=(fd,), capture_output=True, timeout=timeout_s)
+    message = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+    if done.returncode == _EXIT_CODEC:
+        raise CodecError("gzip", message[0])
+    if done.returncode != 0:
+        raise OSError(f"building the gzip index of {path} failed (exit {done.returncode}): {message[0]}")
+    index = load_gzip_index(path, dest)
+    if index is None:
+        raise OSError(f"the gzip index of {path} built in {dest} cannot be read back")
+    return index
+
+
+_EXIT_CODEC = 3
+
+
+def _main(argv: list[str]) -> int:
+    """`python -m mesh.codecs.gzindex FD PATH DEST SPACING` (see `build_in_child`)."""
+    import sys
+    fd, path, dest, spacing = int(argv[0]), argv[1], argv[2], int(argv[3])
+    try:
+        build_gzip_index(path, dest, spacing=spacing, fd=fd)
+    except CodecError as exc:
+        print(str(exc), file=sys.stderr)
+        return _EXIT_CODEC
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(_main(sys.argv[1:]))

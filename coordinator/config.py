@@ -201,6 +201,10 @@ SCHEMA: tuple[Field, ...] = (
           "directories every node mounts at the same path: workers of any node read inputs and write output "
           "there themselves (CLI: comma-separated; empty: none; other paths are read by their own node, "
           "which ships the bytes)"),
+    Field("gzip_index_from", "int", 32 << 20, (0, 1 << 50), "bytes",
+          "a .gz input at least this big on disk is cut through a gzip index (one serial decoding pass, "
+          "kept per file in the node's state dir) so that many workers share it; a smaller one is read "
+          "whole by one worker (CLI: 32M)"),
     Field("lease_ttl_s", "float", 10.0, (2, 300), "s", "node and owner lease TTL"),
     Field("max_jobs_per_node", "int", 4, (1, 64), "", "jobs one meshd owns at once"),
     Field("max_pending_jobs", "int", 1000, (1, 1_000_000), "", "pending jobs before submit says busy"),
@@ -250,6 +254,7 @@ class ClusterConfig:
     input_roots: tuple[str, ...] = _d("input_roots")
     output_roots: tuple[str, ...] = _d("output_roots")
     shared_roots: tuple[str, ...] = _d("shared_roots")
+    gzip_index_from: int = _d("gzip_index_from")
     lease_ttl_s: float = _d("lease_ttl_s")
     max_jobs_per_node: int = _d("max_jobs_per_node")
     max_pending_jobs: int = _d("max_pending_jobs")

@@ -33,7 +33,7 @@ from mesh.job.outputs import (MAX_RESULT_IN_STORE, RESULT, SUMMARY, OutputDir, l
 from mesh.job.paths import check_input_files, check_job_paths, checked_input_files, inside_roots
 from mesh.job.plan import PLAN_VERSION, FrozenPlan
 from mesh.workers.reader import count_records
-from mesh.job.source import MAX_RECORD_BYTES, InputFailure, PlannedChunk, iter_freeze_inputs, iter_inputs, plan_chunks
+from mesh.job.source import GZIP_INDEX_FROM, MAX_RECORD_BYTES, InputFailure, PlannedChunk, iter_freeze_inputs, iter_inputs, plan_chunks
 from mesh.tasks import resolve_task
 from mesh.workers.worker import node_of
 from mesh.logs import get_logger
@@ -64,7 +64,8 @@ class Owner:
                  node_id: str, settings: OwnerSettings = OwnerSettings(), on_exit=lambda owner: None,
                  allowed_modules: tuple[str, ...] | None = None,
                  input_roots: tuple[str, ...] = (), output_roots: tuple[str, ...] = (),
-                 shared_roots: tuple[str, ...] = (), index_dir: str | None = None):
+                 shared_roots: tuple[str, ...] = (), index_dir: str | None = None,
+                 gzip_index_from: int = GZIP_INDEX_FROM):
         self.job_id, self.epoch, self.spec = job_id, epoch, spec
         self.jobs, self.dispatcher, self.settings = jobs, dispatcher, settings
         self.node_id = node_id
@@ -73,6 +74,7 @@ class Owner:
         self.input_roots, self.output_roots = input_roots, output_roots  # (): anywhere (mesh.job.paths)
         self.shared_roots = shared_roots  # (): nothing is shared; other nodes get bytes shipped
         self.index_dir = index_dir  # this node's gzip indexes (None: big .gz files are not cut)
+        self.gzip_index_from = gzip_index_from  # a .gz this big on disk is cut through an index
         self.log = get_logger("mesh.job.owner").bind(node=node_id, job=job_id, epoch=epoch)
         self.inbox: queue.Queue = queue.Queue()
         self.stop_source = threading.Event()
@@ -218,7 +220,8 @@ class Owner:
         chunk_id = 0
         try:
             for item in plan_chunks(self.files, chunk_size=self.spec.chunk_size, committed=self.committed,
-                                    index_dir=self.index_dir, shared_roots=self.shared_roots):
+                                    index_dir=self.index_dir, shared_roots=self.shared_roots,
+                                    gzip_index_from=self.gzip_index_from):
                 if self.stop_source.is_set():
                     return
                 if isinstance(item, InputFailure):

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator, Sequence
 
 from mesh.transport.chunks import MAX_RECORD_BYTES, FileRead, Where
 from mesh.codecs.errors import CodecError
-from mesh.codecs.gzindex import build_gzip_index, load_gzip_index
+from mesh.codecs.gzindex import build_in_child, load_gzip_index
 from mesh.codecs.pieces import scan_pieces
 from mesh.codecs.streams import detect_encoding
 from mesh.errors import InputError
@@ -46,12 +46,12 @@ from mesh.job.offsets import Watermarks
 from mesh.job.paths import inside_roots
 
 MAX_BUNDLE_FILES = 1024
-#: A .gz is cut through a gzip index only from this many chunk sizes ON DISK (about 5-10x as
-#: many decoded): the index costs one serial decoding pass in the owner (~0.15 s per 100 MB
-#: decoded), which pays off only when one file would otherwise hold a worker for long. Smaller
-#: files are one chunk each: a job of several of them is parallel across files (big-etl: 8 files
-#: of 7 MB ran at 0.54 of ideal cut through indexes, the owner busy decoding them all first).
-GZIP_INDEX_MIN_CHUNKS = 32
+#: A .gz is cut through a gzip index from this size on disk (cluster config `gzip_index_from`).
+#: The index costs one serial decoding pass (~1.5 s per GB decoded, in a child of the daemon),
+#: which pays off when one file would otherwise hold a worker for long; a smaller file is read
+#: whole by one worker, and a job of several is parallel across files (big-etl, 8 files of
+#: 7 MB: 0.85 of ideal read whole, 0.54 cut through indexes built in the daemon's own process).
+GZIP_INDEX_FROM = 32 << 20
 MIN_SPACING = 64 << 10  # gzip access points are at least this far apart (each holds a 32 KiB window)
 
 
@@ -219,7 +219,8 @@ def _identify(index: int, path: str) -> InputFile:
 
 
 def plan_chunks(files: Sequence[InputFile], *, chunk_size: int, committed: Watermarks | None = None,
-                index_dir: str | None = None, shared_roots: Sequence[str] = ()) -> Iterator[PlannedChunk | InputFailure]:
+                index_dir: str | None = None, shared_roots: Sequence[str] = (),
+                gzip_index_from: int = GZIP_INDEX_FROM) -> Iterator[PlannedChunk | InputFailure]:
     """The frozen plan of `files` (from `freeze_inputs`) as chunk descriptors, in order, skipping
     what `committed` holds. Reads no input byte, except to find a compressed file's split points
     (zstd/lz4 frame headers; a gzip index, built once per file identity into `index_dir`)."""
@@ -230,7 +231,8 @@ def plan_chunks(files: Sequence[InputFile], *, chunk_size: int, committed: Water
         if group[0].bundle is not None:
             yield from _plan_bundle(group, committed, shared_roots)
         elif not committed.is_done(group[0].index):
-            yield from _plan_file(group[0], chunk_size, committed.start_of(group[0].index), index_dir, shared_roots)
+            yield from _plan_file(group[0], chunk_size, committed.start_of(group[0].index), index_dir, shared_roots,
+                                  gzip_index_from)
 
 
 def _groups(files: Sequence[InputFile]) -> Iterator[list[InputFile]]:
@@ -269,8 +271,8 @@ def _plan_bundle(bundle: list[InputFile], committed: Watermarks,
                        spans=tuple((f.index, 0, f.size, True) for f in bundle))
 
 
-def _plan_file(f: InputFile, chunk_size: int, start: int, index_dir: str | None,
-               shared_roots: Sequence[str]) -> Iterator[PlannedChunk | InputFailure]:
+def _plan_file(f: InputFile, chunk_size: int, start: int, index_dir: str | None, shared_roots: Sequence[str],
+               gzip_index_from: int) -> Iterator[PlannedChunk | InputFailure]:
     """The chunks of one file cut on its own, from `start` (0 or a chunk boundary of its plan)."""
     if f.error:  # unreadable when frozen, so no identity to hold it to: read as it is now, if it can be
         f = _identify(f.index, f.path)  # (a replay after the cause was fixed)
@@ -281,7 +283,7 @@ def _plan_file(f: InputFile, chunk_size: int, start: int, index_dir: str | None,
         failure = _unreadable(f, start)  # one dead letter for the file, not one per range
         yield from [failure] if failure else _plan_ranges(f, chunk_size, start, _where(f.path, shared_roots))
         return
-    cuts = _split_points(f, chunk_size, index_dir)
+    cuts = _split_points(f, chunk_size, index_dir, gzip_index_from)
     if isinstance(cuts, InputFailure):
         yield cuts
         return
@@ -341,10 +343,10 @@ class _Cut:
     position: int
 
 
-def _split_points(f: InputFile, chunk_size: int, index_dir: str | None) -> tuple[list[_Cut], str | None] | InputFailure | None:
+def _split_points(f: InputFile, chunk_size: int, index_dir: str | None, gzip_index_from: int) -> tuple[list[_Cut], str | None] | InputFailure | None:
     """Where a compressed file may be cut (about every `chunk_size` decoded bytes), and the gzip
     index to read it through; None when it cannot be cut (one worker reads it whole)."""
-    if f.encoding == "gzip" and f.size < GZIP_INDEX_MIN_CHUNKS * chunk_size:
+    if f.encoding == "gzip" and f.size < gzip_index_from:
         return None  # read whole by one worker: building an index is a serial pass over the file here
 
     try:
@@ -383,8 +385,8 @@ def _gzip_cuts(f: InputFile, fd: int, chunk_size: int, index_dir: str | None):
                                digest_size=16).hexdigest()
     dest = os.path.join(index_dir, f"{identity}.gzidx")
     try:
-        index = load_gzip_index(f.path, dest) or build_gzip_index(f.path, dest, spacing=max(chunk_size, MIN_SPACING),
-                                                                  fd=fd)
+        index = load_gzip_index(f.path, dest) or build_in_child(f.path, dest, spacing=max(chunk_size, MIN_SPACING),
+                                                                fd=fd)
     except CodecError:
         return None  # corrupt: the worker that reads it whole reports where, after the good lines
     points = [p for p in index.points]

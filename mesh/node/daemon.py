@@ -701,7 +701,8 @@ class Daemon:
                       settings=_pick(self.cfg.owner, OwnerSettings(commit_interval_s=config.commit_interval_s)),
                       allowed_modules=config.task_module_allowlist,
                       input_roots=config.input_roots, output_roots=config.output_roots,
-                      shared_roots=config.shared_roots, index_dir=self.index_dir)
+                      shared_roots=config.shared_roots, index_dir=self.index_dir,
+                      gzip_index_from=config.gzip_index_from)
         with self._owners_lock:
             self.owners[job_id] = owner
             del self._claims[job_id]

@@ -70,7 +70,7 @@ def _start_cluster(root: Path) -> tuple[EtcdServer, Cluster]:
     cluster = None
     try:
         cluster = Cluster(etcd, root)
-        configure(cluster, poison_after_deaths=POISON_AFTER_DEATHS)
+        configure(cluster, poison_after_deaths=POISON_AFTER_DEATHS, gzip_index_from=0)  # every .gz cut through its index
         for node in DAEMONS:
             cluster.start_daemon(node, workers=WORKERS_PER_DAEMON, lease_ttl_s=LEASE_TTL_S)
         cluster.wait_nodes(set(DAEMONS), timeout_s=START_TIMEOUT_S)

@@ -386,7 +386,7 @@ def test_field_help_is_complete():
         assert f.help and f.describe_rule(), f.name
         assert not f.problems(f.default), f"{f.name}: its default breaks its own rule"
     assert set(FIELDS) == {"workers_per_node", "window", "default_chunk_size", "default_codec", "log_level",
-                           "allowed_task_modules", "input_roots", "output_roots", "shared_roots", "lease_ttl_s",
+                           "allowed_task_modules", "input_roots", "output_roots", "shared_roots", "gzip_index_from", "lease_ttl_s",
                            "max_jobs_per_node", "max_pending_jobs", "commit_interval_s", "chunk_time_limit_s",
                            "poison_after_deaths", "job_retention_s"}
     assert issubclass(ConfigConflict, StoreError)

@@ -9,11 +9,21 @@ import sys
 import orjson
 import pytest
 
+from mesh.coordinator.config import ConfigStore
 from mesh.errors import InvalidSpec, StoreError
 from mesh.job.outputs import iter_output
 from waiting import wait_until
 
 CHUNK = 64 * 1024
+
+
+@pytest.fixture(scope="module", autouse=True)
+def index_every_gz(mesh):
+    """The .gz here is small: cut it through its gzip index anyway (the cluster config's
+    gzip_index_from), so that a replay can start inside it."""
+    configs = ConfigStore(mesh.client.store, mesh.client.jobs.prefix)
+    version = configs.set({"gzip_index_from": 0}, expected_version=configs.get()[1], comment="test")
+    wait_until(lambda: mesh.daemon.config_version >= version, 30, "the daemon applied the config")
 
 
 @pytest.fixture

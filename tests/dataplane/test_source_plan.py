@@ -29,17 +29,11 @@ from mesh.codecs.ranges import OwnedBlock
 from mesh.codecs.records import split_records
 from mesh.job.offsets import Watermarks
 from mesh.workers.reader import ReadFailure, iter_read
-from mesh.job import source
 from mesh.job.source import InputFailure, InputFile, PlannedChunk, freeze_inputs, plan_chunks
 
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(autouse=True)
-def cut_every_big_gz(monkeypatch):
-    """The files here are small: cut a .gz through its index from one chunk size on disk (the
-    product waits for GZIP_INDEX_MIN_CHUNKS, where the index pass pays off)."""
-    monkeypatch.setattr(source, "GZIP_INDEX_MIN_CHUNKS", 1)
 
 CHUNK = 4096  # small files: <= 1024 bytes on disk
 BIG_CHUNK = 64 * 1024  # the least a job may ask for; a gzip index needs more than 32 KiB
@@ -61,7 +55,10 @@ def _write(tmp_path, name: str, data: bytes) -> str:
 
 
 def _plan(files, **kw) -> list[PlannedChunk | InputFailure]:
+    """The files here are small: a .gz is cut through its index whatever its size (the product
+    waits for the cluster config's gzip_index_from, where the index pass pays off)."""
     kw.setdefault("chunk_size", CHUNK)
+    kw.setdefault("gzip_index_from", 0)
     return list(plan_chunks(files, **kw))
 
 
