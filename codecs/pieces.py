@@ -15,6 +15,8 @@ messages. Only an OSError from `os.pread` is ever raised.
 """
 from __future__ import annotations
 
+from typing import Iterator
+
 import os
 from dataclasses import dataclass
 
@@ -44,37 +46,73 @@ def scan_pieces(fd: int, size: int, encoding: str) -> list[Piece] | None:
     empty file has none; a file of skippable frames only is one piece of size 0). None for
     "none" and "gzip" (no frame structure to split on) and for any file whose structure is not
     what its format prescribes."""
-    walk = {"zstd": _zstd_frame, "lz4": _lz4_frame}.get(encoding)
-    if walk is None or size < 0:
+    if encoding not in _WALKS or size < 0:
         return None
+    pieces = list(iter_pieces(fd, size, encoding))
+    if pieces and _broken(pieces[-1]):
+        return None
+    return [Piece(p.raw_start, p.raw_end, p.size) for p in pieces]
+
+
+class BrokenPiece(Piece):
+    """The rest of a file from `raw_start`, whose structure could not be followed (corrupt,
+    truncated): it cannot be cut; read as one, it ends in the decoder's own error."""
+
+
+def _broken(piece: Piece) -> bool:
+    return isinstance(piece, BrokenPiece)
+
+
+def iter_pieces(fd: int, size: int, encoding: str) -> Iterator[Piece]:
+    """`scan_pieces` as it walks the file: each piece once the next frame's start proves it
+    complete (skippable frames join the piece before them), so a planner can hand out the
+    first pieces of a big file while the rest is scanned. Where the structure breaks, the rest
+    of the file is one `BrokenPiece` (size None), and nothing follows it."""
+    walk = _WALKS[encoding]
     window = _Window(fd, size)
-    pieces: list[list] = []  # [raw_start, raw_end, size]
+    current: list | None = None  # [raw_start, raw_end, size] of the piece not yet proven complete
     lead = None  # where skippable frames before the first data frame began
+    emitted = False
     pos = 0
     while pos < size:
         magic = window.u32(pos)
         if magic is None:
-            return None
+            break
         if magic & _SKIPPABLE_MASK == _SKIPPABLE:
             length = window.u32(pos + 4)
             if length is None or pos + 8 + length > size:
-                return None
+                break
             end = pos + 8 + length
-            if pieces:
-                pieces[-1][1] = end
+            if current is not None:
+                current[1] = end
             elif lead is None:
                 lead = pos
         else:
             frame = walk(window, pos, magic)
             if frame is None:
-                return None
+                break
             end, declared = frame
-            pieces.append([pos if lead is None or pieces else lead, end, declared])
+            if current is not None:
+                yield Piece(*current)
+                emitted = True
+            first = current is None and not emitted
+            current = [lead if first and lead is not None else pos, end, declared]
         pos = end
-    if not pieces and size:
-        return [Piece(0, size, 0)]  # skippable frames only: an empty stream
-    return [Piece(*p) for p in pieces]
+    else:
+        if current is not None:
+            yield Piece(*current)
+        elif size:
+            yield Piece(0, size, 0)  # skippable frames only: an empty stream
+        return
+    if current is not None:  # its frame was whole: only what follows it is broken
+        yield Piece(*current)
+        start = current[1]
+    else:
+        start = lead if lead is not None and not emitted else 0
+    yield BrokenPiece(start, size, None)
 
+
+_WALKS = {}
 
 class _Window:
     """Little-endian fields of the first `size` bytes of `fd`, read `SCAN_READ_SIZE` at a time."""
@@ -190,3 +228,6 @@ def _xxh32_short(data: bytes) -> int:
     h = (h ^ h >> 15) * _P2 & _U32
     h = (h ^ h >> 13) * _P3 & _U32
     return h ^ h >> 16
+
+
+_WALKS.update(zstd=_zstd_frame, lz4=_lz4_frame)

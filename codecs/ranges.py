@@ -191,6 +191,7 @@ class _OwnedLines:
         self._block = block_size
         self._max = max_record_bytes
         self._end = end
+        self._error: BaseException | None = None  # a read failed: raised once the window is spent
         self._buf = b""
         self._pos = 0
         self._offset = stream.position
@@ -201,16 +202,28 @@ class _OwnedLines:
     def _fill(self) -> bool:
         """Top the window up to `block_size` bytes, but never much past the range's end (only its
         last line is read beyond it, TAIL_READ bytes at a time): a 1 MiB range is not a 4 MiB
-        read. False when the stream has no more (a read error raises here, only once the window's
-        complete lines have been handed out)."""
+        read. False when the stream has no more, or a read failed: the failure is kept
+        (`_error`) and raised by the caller once the window's complete lines are handed out (the
+        stream hands out the good bytes before an error and raises on the NEXT read, which
+        would otherwise come while the window still holds lines this range owns)."""
+        if self._error is not None:
+            return False
         want = self._block - self._avail()
         if self._end is not None:
             want = min(want, max(self._end - self._stream.position, 0) + TAIL_READ)
-        data = self._stream.read(want)
+        try:
+            data = self._stream.read(want)
+        except (CodecError, OSError) as exc:
+            self._error = exc
+            return False
         if data:
             self._buf = self._buf[self._pos:] + data if self._avail() else data
             self._pos = 0
         return bool(data)
+
+    def _raise_kept(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def skip_past_newline(self) -> bool:
         """Drop everything up to and including the next b"\n"; False at the end of the stream."""
@@ -223,11 +236,13 @@ class _OwnedLines:
             self._offset += self._avail()
             self._buf, self._pos = b"", 0
             if not self._fill():
+                self._raise_kept()
                 return False
 
     def blocks(self, end: int | None) -> Iterator[OwnedBlock]:
         while end is None or self._offset <= end:
             if self._avail() < self._block and not self._fill() and not self._avail():
+                self._raise_kept()
                 return  # the end of the stream: no line starts there
             buf, pos, offset = self._buf, self._pos, self._offset
             limit = len(buf)
@@ -245,6 +260,7 @@ class _OwnedLines:
                     self._pos = cut
                 yield OwnedBlock(offset, data, cut - pos)  # (cut at `limit`: the next line starts past `end`)
             elif self._avail() < self._block and not self._fill():
+                self._raise_kept()  # a fragment before a read error is no line
                 data = buf[pos:]  # the last line, without a b"\n" (the window is unchanged: nothing more came)
                 self._buf, self._pos, self._offset = b"", 0, offset + len(data)
                 yield OwnedBlock(offset, data, len(data))  # (shorter than block_size: within the limit)
