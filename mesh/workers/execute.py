@@ -142,27 +142,38 @@ def run_chunk(task: Task, params: dict, segments: Sequence, views: Sequence, *,
             dead.add(seg.file_index, seg.start, f"cannot decode {seg.encoding} input: {exc}")
             outcome.unreadable_segments += 1
             continue
-        outcome.bytes_in += len(data)
-        records = split_records(data)
-        outcome.records_in += len(records)
-        started = time.thread_time_ns()
         try:
-            if task.is_reduce:
-                part = _reduce_segment(task, params, records, seg, dead)
-                partial = part if partial is None else task.combine(partial, part)
-            else:
-                outputs.extend(_map_segment(task, params, records, seg, dead))
+            part, out = _run_task(task, params, data, seg, dead, outcome)
         except InvalidSpec as exc:  # bad params: the whole job is wrong, not this record
             outcome.job_error = f"task {task.name}: {exc}"
             return outcome
-        finally:
-            outcome.task_cpu_us += (time.thread_time_ns() - started) // 1000
+        if task.is_reduce:
+            partial = part if partial is None else task.combine(partial, part)
+        else:
+            outputs.extend(out)
     dead.close()
     outcome.records_out = len(outputs)
     outcome.partial = partial
     if outputs:
         outcome.output = compress_output(join_records(outputs))
     return outcome
+
+
+def _run_task(task: Task, params: dict, data: bytes, where, dead: _DeadLetters,
+              outcome: ChunkOutcome) -> tuple[Any, list[bytes] | None]:
+    """The task over the records of one block of input (`where` names it in dead letters):
+    (its reduce partial, None) or (None, its output records); the input and the task's CPU are
+    counted in `outcome`. InvalidSpec (the job's params are wrong) propagates."""
+    outcome.bytes_in += len(data)
+    records = split_records(data)
+    outcome.records_in += len(records)
+    started = time.thread_time_ns()
+    try:
+        if task.is_reduce:
+            return _reduce_segment(task, params, records, where, dead), None
+        return None, _map_segment(task, params, records, where, dead)
+    finally:
+        outcome.task_cpu_us += (time.thread_time_ns() - started) // 1000
 
 
 def sendable(outcome: ChunkOutcome, segments: Sequence) -> tuple[ChunkOutcome, bytes]:
@@ -312,27 +323,19 @@ def _run_reads(task: Task, params: dict, reads: Sequence, blocks_of, new_compres
                 dead.add(read.index, item.offset, f"input {read.path}: the record at offset {item.offset} is longer "
                                                   f"than max_record_bytes ({item.length} bytes or more)", b"", read.path)
                 continue
-            outcome.bytes_in += len(item.data)
-            records = split_records(item.data)
-            outcome.records_in += len(records)
-            where = _Where(read.index, item.offset, read.path)
-            started = time.thread_time_ns()
             try:
-                if task.is_reduce:
-                    part = _reduce_segment(task, params, records, where, dead)
-                    read_partial = part if read_partial is None else task.combine(read_partial, part)
-                else:
-                    out = _map_segment(task, params, records, where, dead)
-                    if out:
-                        outcome.records_out += len(out)
-                        joined = join_records(out)
-                        buffered.append(joined)
-                        buffered_bytes += len(joined)
+                part, out = _run_task(task, params, item.data, _Where(read.index, item.offset, read.path), dead,
+                                      outcome)
             except InvalidSpec as exc:
                 outcome.job_error = f"task {task.name}: {exc}"
                 return outcome
-            finally:
-                outcome.task_cpu_us += (time.thread_time_ns() - started) // 1000
+            if task.is_reduce:
+                read_partial = part if read_partial is None else task.combine(read_partial, part)
+            elif out:
+                outcome.records_out += len(out)
+                joined = join_records(out)
+                buffered.append(joined)
+                buffered_bytes += len(joined)
             if buffered_bytes > FLUSH_OUTPUT_BYTES:
                 compressor = compressor or new_compressor()
                 outcome.output_pieces.append(compressor.compress(b"".join(buffered)))
