@@ -91,6 +91,19 @@ class JobNotFound(MeshError):
         self.job_id = job_id
 
 
+class StreamNotFound(MeshError):
+    def __init__(self, name: str):
+        super().__init__(f"no stream {name!r} in this coordinator (meshctl stream list shows them)")
+        self.name = name
+
+
+class StreamExists(MeshError):
+    def __init__(self, name: str, state: str):
+        super().__init__(f"stream {name!r} exists already ({state}); pick another name, or "
+                         f"`meshctl stream rm {name}` first")
+        self.name = name
+
+
 class MeshBusy(MeshError):
     """Backpressure: the mesh refuses new work until some drains. `pending` is how many jobs
     wait, `limit` the configured maximum."""

@@ -101,6 +101,8 @@ class JobSpec:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     codec: str = "auto"
     max_failed_records: int = 1000
+    stream: dict | None = None   # a stream's settings (mesh.coordinator.streams.StreamSettings): a job that never ends
+    node: str | None = None      # only this node may own the job (an --every-node stream's instance)
 
     def __post_init__(self) -> None:
         if isinstance(self.inputs, list):
@@ -115,7 +117,7 @@ class JobSpec:
                                   f"(got {_shorten(repr(inputs))})"))
         elif not isinstance(inputs, tuple):
             out.append(("inputs", f"inputs must be a list of paths or globs (got {type(inputs).__name__})"))
-        elif not inputs:
+        elif not inputs and not (isinstance(self.stream, dict) and self.stream.get("push")):
             out.append(("inputs", "inputs must name at least one path or glob (got [])"))
         elif len(inputs) > MAX_INPUTS:
             out.append(("inputs", f"inputs must have at most {MAX_INPUTS} entries (got {len(inputs)}): "
@@ -166,6 +168,11 @@ class JobSpec:
         mfr = self.max_failed_records
         if not _is_int(mfr) or mfr < 0:
             out.append(("max_failed_records", f"max_failed_records must be an int >= 0 (got {mfr!r})"))
+        if self.stream is not None:
+            from mesh.coordinator.streams import stream_settings_problems
+            out += [("stream", m) for m in stream_settings_problems(self.stream)]
+        if self.node is not None and (not isinstance(self.node, str) or not _JOB_ID.fullmatch(self.node)):
+            out.append(("node", f"node must be a node id matching {_JOB_ID.pattern} (got {self.node!r})"))
         if not out and (size := len(self.to_json().encode())) > MAX_SPEC_BYTES:
             out.append(("inputs", f"the job spec must be at most {MAX_SPEC_BYTES} bytes (1 MiB) as JSON (got "
                                   f"{size}): name directories or globs instead of single files"))
@@ -255,6 +262,12 @@ class JobStore:
             raise ValueError(f"job id must match {_JOB_ID.pattern} (got {job_id!r})")
         return f"{self.jobs_prefix}{job_id}/{part}"
 
+    def registry_prefix(self, job_id: str) -> str:
+        """Where a stream keeps its file registry (shards; mesh.stream.registry): outside the
+        job's folder, so that listing jobs never reads a registry."""
+        self.key(job_id, "spec")  # validates the id
+        return f"{self.prefix}registry/{job_id}/"
+
     def parse_key(self, key: str) -> tuple[str, str] | None:
         """(job_id, part) for a key under this store's jobs prefix, else None (for watchers)."""
         if not key.startswith(self.jobs_prefix):
@@ -317,6 +330,14 @@ class JobStore:
                 return job_id
         raise StoreError(f"could not find an unused job id in {_RACE_RETRIES} tries under {self.jobs_prefix}")
 
+    def create(self, job_id: str, spec: JobSpec, *, extra: list[Op] = (), compares: list = ()) -> bool:
+        """Store a new pending job under a chosen id (a stream's instance); False when a job of
+        that id exists already (or a compare in `compares` fails). `extra` ops join the txn."""
+        spec.validate()
+        spec_key = self.key(job_id, "spec")
+        return self.store.txn([absent(spec_key), *compares], [
+            Put(spec_key, spec.to_json().encode()), *self._state_ops(job_id, "pending", "submitted"), *extra]).succeeded
+
     def get_spec(self, job_id: str) -> JobSpec:
         return JobSpec.from_json(self._read(job_id)[0].value)
 
@@ -368,8 +389,11 @@ class JobStore:
         missed either: the job is cancelled here instead (`_cancel_unowned`), and None returned."""
         owner_key, state_key, cancel_key = (self.key(job_id, p) for p in ("owner", "state", "cancel"))
         for _ in range(_RACE_RETRIES):
-            _, state_kv, owner_kv, cancel_kv = self._read(job_id, "state", "owner", "cancel")
+            spec_kv, state_kv, owner_kv, cancel_kv = self._read(job_id, "state", "owner", "cancel")
             if owner_kv is not None or state_kv is None:
+                return None
+            pinned = _loads(spec_kv).get("node")
+            if pinned is not None and pinned != node_id:  # an --every-node stream's instance of another node
                 return None
             if _loads(state_kv).get("state") not in ("pending", "running"):
                 self._drop_stale_index(job_id, state_kv)
@@ -402,10 +426,13 @@ class JobStore:
             raise NotOwner(job_id, epoch)
         return result.revision
 
-    def commit(self, job_id: str, epoch: int, *, offsets: dict | None = None, progress: dict | None = None) -> int:
+    def commit(self, job_id: str, epoch: int, *, offsets: dict | None = None, progress: dict | None = None,
+               registry: dict[int, bytes | None] | None = None) -> int:
         """Fenced write of offsets and/or progress in one txn; return the revision.
-        Raises NotOwner (and writes nothing) when `epoch` no longer owns the job."""
-        ops = []
+        Raises NotOwner (and writes nothing) when `epoch` no longer owns the job. `registry`:
+        a stream's changed registry shards (None: delete the shard), in the same txn."""
+        ops: list = [Put(f"{self.registry_prefix(job_id)}{shard:08d}", value) if value is not None
+                     else Delete(f"{self.registry_prefix(job_id)}{shard:08d}") for shard, value in (registry or {}).items()]
         if offsets is not None:
             ops.append(Put(self.key(job_id, "offsets"), _dumps(offsets)))
         if progress is not None:
@@ -437,6 +464,18 @@ class JobStore:
     def get_offsets(self, job_id: str) -> dict:
         """Committed offsets ({} before the first commit)."""
         return self._part(job_id, "offsets") or {}
+
+    def get_registry(self, job_id: str, shards) -> dict[int, bytes]:
+        """A stream's registry shards by number (those of `shards` that exist), read a batch of
+        Gets per txn: never one range over a registry that may hold a million files."""
+        shards, found = list(shards), {}
+        prefix = self.registry_prefix(job_id)
+        for start in range(0, len(shards), _TXN_BATCH):
+            batch = shards[start:start + _TXN_BATCH]
+            for shard, kv in zip(batch, self.store.txn([], [Get(f"{prefix}{s:08d}") for s in batch]).responses):
+                if kv is not None:
+                    found[shard] = kv.value
+        return found
 
     def get_progress(self, job_id: str) -> dict:
         """Progress counters ({} before the first commit)."""
@@ -514,7 +553,8 @@ class JobStore:
         raises NotOwner); return the number of records deleted. JobNotFound when there was nothing."""
         state_kv = self.store.get(self.key(job_id, "state"))
         at = _loads(state_kv).get("updated_at") if state_kv is not None else None
-        count = self.store.txn([], [DeletePrefix(self.key(job_id, "")), *self._unindex_ops(job_id, at)]).responses[0]
+        count = self.store.txn([], [DeletePrefix(self.key(job_id, "")), DeletePrefix(self.registry_prefix(job_id)),
+                                    *self._unindex_ops(job_id, at)]).responses[0]
         if count == 0:
             raise JobNotFound(job_id)
         return count
@@ -588,7 +628,8 @@ class JobStore:
             self.store.txn(compares, [Delete(entry.key)])
             return False
         compares = [mod_is(self.key(job_id, "state"), state_kv.mod_revision), absent(self.key(job_id, "owner"))]
-        ops = [DeletePrefix(self.key(job_id, "")), *self._unindex_ops(job_id, doc.get("updated_at"))]
+        ops = [DeletePrefix(self.key(job_id, "")), DeletePrefix(self.registry_prefix(job_id)),
+               *self._unindex_ops(job_id, doc.get("updated_at"))]
         return self.store.txn(compares, ops).succeeded
 
     def index_existing_jobs(self) -> int:

@@ -15,17 +15,18 @@ import orjson
 
 from mesh.codecs.compression import CODEC_NAMES
 from mesh.coordinator.connect import describe
-from mesh.coordinator.errors import ConfigConflict, ConfigVersionNotFound, InvalidConfig
+from mesh.coordinator.errors import ConfigConflict, ConfigVersionNotFound, InvalidConfig, StreamExists, StreamNotFound
 from mesh.errors import CodecError, InvalidSpec, JobNotFound, MeshBusy, MeshError, NodeNotFound, StoreUnavailable
 
 EXIT_OK = 0            # the command did what was asked (a job ended `done`)
 EXIT_JOB_FAILED = 1    # the job ended failed or cancelled; the reason is printed
 EXIT_USAGE = 2         # bad arguments or an invalid job spec (argparse uses 2 too)
 EXIT_UNAVAILABLE = 3   # the coordinator cannot be reached / opened
-EXIT_TIMEOUT = 4       # --timeout passed before the job ended
+EXIT_TIMEOUT = 4       # --timeout passed before the job ended (or stream stop --wait before it stopped)
 EXIT_BUSY = 5          # the mesh refused the job: too many pending jobs
-EXIT_NOT_FOUND = 6     # no such job, or no such config version in the history
-EXIT_CONFLICT = 7      # a config change lost a compare-and-set (someone changed it first); nothing written
+EXIT_NOT_FOUND = 6     # no such job or stream, or no such config version in the history
+EXIT_CONFLICT = 7      # a config change lost a compare-and-set (someone changed it first), or a stream
+                       # name is taken; nothing written
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 SIZE_UNITS = {"": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20,
@@ -62,14 +63,19 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
-# -- job options shared by run and submit --
-def _add_job_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories or globs")
+# -- options shared by run, submit and stream start --
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """--task, --param, --out, --chunk-size: what a job and a stream both take."""
     p.add_argument("--task", required=True, help="built-in (grep, jsonl, count_by, identity) or package.module:function")
     p.add_argument("--param", action="append", default=[], type=parse_param, metavar="KEY=VALUE")
     p.add_argument("--out", required=True, help="output directory (must be empty or new)")
     p.add_argument("--chunk-size", type=parse_size, default=None, metavar="SIZE",
                    help="e.g. 1M (default: the cluster config's default_chunk_size, 1 MiB)")
+
+
+def _add_job_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories or globs")
+    add_task_arguments(p)
     p.add_argument("--codec", choices=("auto", *CODEC_NAMES), default=None,
                    help="transport compression (default: the cluster config's default_codec; auto: none "
                         "between processes of one host)")
@@ -162,7 +168,8 @@ def cmd_up(args) -> int:
     """An embedded coordinator + one meshd in the foreground, until Ctrl-C / SIGTERM."""
     from mesh.node.daemon_main import run_daemon
     return run_daemon(args.coordinator, workers=args.workers, node_id=args.node_id,
-                      log_level="debug" if args.verbose else "info")
+                      log_level="debug" if args.verbose else "info", ingest_port=args.ingest_port,
+                      ingest_host=args.ingest_host)
 
 
 def cmd_submit(args) -> int:
@@ -287,12 +294,16 @@ def cmd_nodes(args) -> int:
 
 
 def cmd_cat(args) -> int:
+    """A job's output in input order; a stream's (or a folder of per-node stream outputs) by
+    commit hour, in order per input file."""
     from mesh.job.outputs import iter_output
+    from mesh.stream.output import iter_stream_output, stream_outputs
     if not os.path.isdir(args.dir):
         return _fail(EXIT_USAGE, f"{args.dir} is not a directory")
+    blocks = iter_stream_output(args.dir) if stream_outputs(args.dir) else iter_output(args.dir)
     out = sys.stdout.buffer
     try:
-        for block in iter_output(args.dir):
+        for block in blocks:
             out.write(block)
         out.flush()
     except BrokenPipeError:  # `meshctl cat out | head`
@@ -321,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", parents=[common], help="embedded coordinator + one meshd in the foreground")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--node-id", default=None)
+    from mesh.node.daemon_main import add_ingest_arguments
+    add_ingest_arguments(p)
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("submit", parents=[common], help="submit a job to a running mesh")
@@ -355,9 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs)
     sub.add_parser("nodes", parents=[common], help="list daemons").set_defaults(func=cmd_nodes)
 
-    p = sub.add_parser("cat", parents=[common], help="print a job's output records in input order")
+    p = sub.add_parser("cat", parents=[common], help="print a job's or a stream's output records")
     p.add_argument("dir")
     p.set_defaults(func=cmd_cat)
+
+    from mesh.faces.cli_stream import add_stream_commands  # here: cli_stream imports this module
+    add_stream_commands(sub, common)
 
     from mesh.faces.cli_config import add_config_commands  # here: cli_config imports this module
     add_config_commands(sub, common)
@@ -376,11 +392,13 @@ def main(argv: list[str] | None = None) -> int:
         where = f" in {exc.source}" if exc.source else ""
         return _fail(EXIT_USAGE, f"invalid config{where}:\n  " + "\n  ".join(exc.problems))
     except InvalidSpec as exc:
-        return _fail(EXIT_USAGE, f"invalid job: {exc}")
-    except ConfigConflict as exc:
+        return _fail(EXIT_USAGE, f"invalid {'stream' if getattr(args, 'stream_command', None) else 'job'}: {exc}")
+    except (ConfigConflict, StreamExists) as exc:
         return _fail(EXIT_CONFLICT, str(exc))
-    except (JobNotFound, NodeNotFound, ConfigVersionNotFound) as exc:
+    except (JobNotFound, NodeNotFound, ConfigVersionNotFound, StreamNotFound) as exc:
         return _fail(EXIT_NOT_FOUND, str(exc))
+    except TimeoutError as exc:  # stream stop --wait
+        return _fail(EXIT_TIMEOUT, str(exc))
     except MeshBusy as exc:
         return _fail(EXIT_BUSY, str(exc))
     except StoreUnavailable as exc:

@@ -8,19 +8,28 @@
 The client talks only to the coordinator store; it is never in the data path. Backpressure has a
 name and a number: `submit_nowait` raises MeshBusy when `max_pending` jobs are already waiting,
 `submit` waits for room up to `timeout_s`.
+
+Streams are standing jobs that follow files (or lines POSTed to a daemon's ingest port)::
+
+    stream = client.start_stream("weblogs", ["/var/log/app/"], "grep", {"pattern": "ERROR"}, out="out/")
+    stream.status()["instances"]                 # per instance: owner, lag, records/s, ...
+    stream.stop(wait_s=30)                       # owners commit what they processed, then end
+    stream.remove()
 """
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from mesh.coordinator.config import ConfigStore
 from mesh.coordinator.connect import open_store
-from mesh.coordinator.errors import MeshBusy
+from mesh.coordinator.errors import MeshBusy, StreamNotFound
 from mesh.coordinator.jobs import TERMINAL_STATES, JobSpec, JobStore
 from mesh.coordinator.store import Store
-from mesh.errors import JobFailed, NodeNotFound, StoreUnavailable
+from mesh.coordinator.streams import STREAM_NAME, StreamStore, stream_settings
+from mesh.errors import InvalidSpec, JobFailed, NodeNotFound, StoreUnavailable
 
 POLL_S = 0.1          # steady-state poll of a job's state
 FIRST_POLL_S = 0.005  # short jobs finish in tens of ms: start fast, back off to POLL_S
@@ -111,6 +120,71 @@ class Job:
         return info
 
 
+class Stream:
+    """A stream (a standing job). Cheap to create; every method reads the store."""
+
+    def __init__(self, streams: StreamStore, name: str):
+        self._streams = streams
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Stream({self.name!r})"
+
+    def status(self) -> dict:
+        """StreamStore.status (name, state, every_node, created_at, instances: per instance its
+        job, state, owner and what its owner last committed), plus task, inputs, out and settings."""
+        spec = self._streams.get(self.name).get("spec") or {}
+        doc = self._streams.status(self.name)
+        doc.update(task=spec.get("task"), inputs=spec.get("inputs", []), out=spec.get("out"),
+                   settings=spec.get("stream") or {})
+        return doc
+
+    def stop(self, wait_s: float | None = None) -> dict:
+        """Stop the stream: each owner commits what it processed, then ends. With `wait_s`, block
+        until every instance has ended (TimeoutError naming what to check). Returns the record."""
+        record = self._streams.stop(self.name)
+        if wait_s is None:
+            return record
+        deadline = time.monotonic() + wait_s
+        while not self._streams.stopped(self.name):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"stream {self.name} still stopping after {wait_s:g}s: its owners commit what "
+                                   f"they processed first; check `meshctl stream status {self.name}` and that their "
+                                   "meshd are running")
+            time.sleep(POLL_S)
+        return record
+
+    def remove(self) -> None:
+        """Delete the stream's record, instances and registries (its output stays). A running
+        stream is stopped first; StoreError while an instance is still stopping (retry)."""
+        self._streams.remove(self.name)
+
+
+def stream_row(status: dict) -> dict:
+    """One line of `meshctl stream list`: a stream's status summed over its instances (lag_seconds:
+    the largest; a counter no instance reported yet is None)."""
+    instances = status.get("instances") or []
+
+    def total(key: str, pick=sum):
+        values = [i[key] for i in instances if isinstance(i.get(key), (int, float))]
+        return pick(values) if values else None
+    states: dict[str, int] = {}
+    for instance in instances:
+        states[instance.get("state") or "?"] = states.get(instance.get("state") or "?", 0) + 1
+    state = status.get("state")
+    if state == "stopped" and any(i.get("state") not in TERMINAL_STATES for i in instances):
+        state = "stopping"
+    settings = status.get("settings") or {}
+    return {"name": status["name"], "state": state, "every_node": bool(status.get("every_node")),
+            "push": bool(settings.get("push")), "task": status.get("task"), "out": status.get("out"),
+            "owners": sorted({i["owner"] for i in instances if i.get("owner")}), "instances": len(instances),
+            "instance_states": states, "files_tracked": total("files_tracked"), "lag_bytes": total("lag_bytes"),
+            "lag_seconds": total("lag_seconds", max), "records_per_s": total("records_per_s"),
+            "failed_records": total("failed_records"),
+            "unreadable_files": sum(len(i.get("unreadable_files") or ()) for i in instances),
+            "updated_at": total("updated_at", min)}
+
+
 def check_output_free(out: str) -> None:
     """Refuse at submit an output directory that already holds a job's output, or anything,
     where this client can see it (the owning daemon checks again when it binds the directory,
@@ -137,6 +211,7 @@ class Client:
         self._own_store = store is None
         self.store = store if store is not None else open_store(coordinator)
         self.jobs = JobStore(self.store, prefix=prefix)
+        self.stream_store = StreamStore(self.jobs)
         self.max_pending = max_pending  # None: the cluster config's max_pending_jobs
 
     def close(self) -> None:
@@ -207,6 +282,42 @@ class Client:
 
     def list_jobs(self) -> list[dict]:
         return self.jobs.list_jobs()
+
+    def start_stream(self, name: str, inputs: Sequence[str] | str, task: str, params: dict | None = None, *,
+                     out: str, every_node: bool = False, push: bool = False, commit_interval_s: float | None = None,
+                     poll_interval_s: float | None = None, forget_after_s: float | None = None,
+                     chunk_size: int | None = None) -> Stream:
+        """Start the stream `name` over `inputs` (files, directories, globs; none needed with
+        `push`, which implies `every_node`). Settings left None take the stream defaults.
+        StreamExists when the name is taken; InvalidSpec / PathNotAllowed like `submit`."""
+        from mesh.job.paths import check_job_paths
+
+        every_node = every_node or push
+        config = self.cluster_config()
+        spec = replace(self.make_spec(inputs, task, params, out=out, chunk_size=chunk_size, config=config),
+                       stream=stream_settings(name, every_node=every_node, push=push,
+                                              commit_interval_s=commit_interval_s, poll_interval_s=poll_interval_s,
+                                              forget_after_s=forget_after_s))
+        check_job_paths(spec.validate(), config.input_roots, config.output_roots)
+        check_output_free(spec.out)
+        return Stream(self.stream_store, self.stream_store.start(spec))
+
+    def stream(self, name: str) -> Stream:
+        """The stream `name`: StreamNotFound early, with a clear message."""
+        if not isinstance(name, str) or not STREAM_NAME.fullmatch(name):
+            raise InvalidSpec([f"stream name must match {STREAM_NAME.pattern} (got {name!r})"])
+        self.stream_store.get(name)
+        return Stream(self.stream_store, name)
+
+    def streams(self) -> list[dict]:
+        """One summary per stream (`stream_row`), in name order."""
+        rows = []
+        for name in self.stream_store.names():
+            try:
+                rows.append(stream_row(Stream(self.stream_store, name).status()))
+            except StreamNotFound:  # removed while we listed
+                continue
+        return rows
 
     def drain(self, node_id: str) -> None:
         """Ask a node to drain: it takes no new chunks or jobs, finishes what its workers hold and

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 
 def _console() -> Console:
@@ -98,3 +98,58 @@ def print_nodes(nodes: list[dict]) -> None:
     _console().print(table)
     if not nodes:
         _console().print("no daemon is registered: start one with `meshd` (or `meshctl up`)")
+
+
+def _number(value, fmt: str = ",") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _lag(counters: dict) -> tuple[str, str]:
+    lag_bytes, lag_s = counters.get("lag_bytes"), counters.get("lag_seconds")
+    return ("-" if lag_bytes is None else _mb(lag_bytes)), _number(lag_s, ",.1f")
+
+
+def _mode(every_node: bool, push: bool) -> str:
+    return "push" if push else "each node" if every_node else "one owner"
+
+
+def print_streams(rows: list[dict]) -> None:
+    table = Table(Column("stream", no_wrap=True, min_width=max([len(r["name"]) for r in rows] + [6])),
+                  "runs on", Column("state", min_width=8), "owners", "files", "lag", "lag s", "rec/s")
+    for r in rows:
+        failed = (r.get("instance_states") or {}).get("failed")
+        table.add_row(r["name"], _mode(r.get("every_node"), r.get("push")),
+                      r["state"] + (f", {failed} failed" if failed else ""),
+                      ", ".join(r.get("owners") or ()) or "none yet", _number(r.get("files_tracked")), *_lag(r),
+                      _number(r.get("records_per_s"), ",.0f"))
+    _console().print(table)
+    if not rows:
+        _console().print("no stream: start one with `meshctl stream start NAME INPUT... --task TASK --out OUT`")
+
+
+def print_stream_status(doc: dict) -> None:
+    settings = doc.get("settings") or {}
+    table = Table(title=f"stream {doc['name']}: {doc['state']}", show_header=False)
+    table.add_row("task", doc.get("task") or "")
+    table.add_row("inputs", "\n".join(doc.get("inputs") or ()) or "(push only)")
+    table.add_row("out", doc.get("out") or "")
+    table.add_row("runs on", _mode(doc.get("every_node"), settings.get("push")))
+    table.add_row("settings", ", ".join(f"{k} {settings[k]:g}" for k in ("commit_interval_s", "poll_interval_s",
+                                                                          "forget_after_s") if k in settings))
+    _console().print(table)
+    instances = doc.get("instances") or []
+    if not instances:
+        _console().print("no instance yet: each meshd makes its own when it sees the stream")
+        return
+    rows = Table(Column("instance", no_wrap=True, min_width=max(len(i["job"]) for i in instances)),
+                 Column("state", min_width=9), "owner", "files", "lag", "lag s", "rec/s", "failed")
+    for i in instances:
+        rows.add_row(i["job"], i.get("state") or "?", i.get("owner") or "-", _number(i.get("files_tracked")),
+                     *_lag(i), _number(i.get("records_per_s"), ",.0f"), _number(i.get("failed_records")))
+    _console().print(rows)
+    for i in instances:
+        for bad in i.get("unreadable_files") or ():
+            where = f"{bad.get('file')} at offset {bad.get('offset')}"
+            _console().print(f"{i['job']}: unreadable {where}: {bad.get('error')}")
+        if i.get("state") in ("failed", "cancelled") and i.get("reason"):
+            _console().print(f"{i['job']} {i['state']}: {i['reason']}")

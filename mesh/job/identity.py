@@ -32,7 +32,7 @@ def changes(f, st: os.stat_result, head: bytes | None = None) -> list[str]:
         found.append("no longer a regular file")
     if f.ino and st.st_ino != f.ino:
         found.append(f"inode {f.ino} -> {st.st_ino}: another file has its name")
-    if st.st_size != f.size:
+    if st.st_size < f.size if getattr(f, "growing", False) else st.st_size != f.size:
         found.append(f"size {f.size} -> {st.st_size} bytes")
     if f.mtime_ns and st.st_mtime_ns != f.mtime_ns:
         found.append(f"mtime {_utc(f.mtime_ns)} -> {_utc(st.st_mtime_ns)}")

@@ -39,7 +39,7 @@ from mesh.job.source import InputFile
 SUMMARY = "_summary.json"
 RESULT = "_result.json"
 PENDING = ".pending"
-_PART = re.compile(r"^(part|dead|unreadable)-(\d{8})-(\d{15})\.(zst|json|jsonl)$")
+_PART = re.compile(r"^(part|dead|unreadable)-(\d{8,15})-(\d{15})\.(zst|json|jsonl)$")
 _EPOCH_DIR = re.compile(r"e(\d+)")          # OUT/.pending/eEPOCH
 _TEMP = re.compile(r"^\.tmp\+(.+?)\+e(\d+)\+")  # a temp file of (job, epoch)'s owner (_temp_name)
 _NAMES = {"part": ("part", "zst"), "partial": ("part", "json"), "dead": ("dead", "jsonl"),
@@ -222,6 +222,10 @@ class OutputDir:
     def has_pending(self, name: str) -> bool:
         """Is `name` pending in this epoch's directory (written by a worker, not yet visible)?"""
         return (self.pending / name).exists()
+
+    def drop_pending(self, name: str) -> None:
+        """Remove a pending file of this epoch that will never be committed (a discarded read)."""
+        _unlink(self.pending / name)
 
     def write_pending(self, name: str, data: bytes | memoryview) -> None:
         """A pending file of this epoch (see `write_pending_file`)."""

@@ -138,12 +138,8 @@ class Owner:
                 return
             self.dispatcher.add_job(JobRoute(
                 job_id=self.job_id, epoch=self.epoch,
-                job_message=protocol.control("job", job_id=self.job_id, task=self.spec.task,
-                                             params=self.spec.params, epoch=self.epoch,
-                                             task_hash=getattr(self.task, "source_hash", ""),
-                                             out=str(self.out.path), max_record_bytes=MAX_RECORD_BYTES,
-                                             write_out="any" if inside_roots(str(self.out.path), self.shared_roots)
-                                             else "local"),
+                job_message=job_message(self.job_id, self.epoch, self.spec, self.task, self.out.path,
+                                        self.shared_roots),
                 on_result=lambda ident, header, payload, body: self.inbox.put(("result", (ident, header, payload, body))),
                 on_poison=lambda assignment: self.inbox.put(("poison", assignment)),
                 acks_durable=True))
@@ -483,6 +479,16 @@ class Owner:
                            "finish")
         self.log.info("job_finished", state=state, reason=reason, records_in=summary["records_in"],
                       seconds=summary["seconds"])
+
+
+def job_message(job_id: str, epoch: int, spec: JobSpec, task, out, shared_roots) -> list:
+    """What every worker is told of a job (or stream) before its first chunk: the task and its
+    source hash, params, and where its pending files go (`write_out` "any": a worker of any node
+    writes them itself, the output being under the shared roots; "local": our node's only)."""
+    return protocol.control("job", job_id=job_id, task=spec.task, params=spec.params, epoch=epoch,
+                            task_hash=getattr(task, "source_hash", ""), out=str(out),
+                            max_record_bytes=MAX_RECORD_BYTES,
+                            write_out="any" if inside_roots(str(out), shared_roots) else "local")
 
 
 def _rejected(exc: StoreRequestRejected) -> str:

@@ -34,12 +34,14 @@ from mesh.coordinator.errors import (
     Compacted, InvalidSpec, JobNotFound, LeaseNotFound, NotOwner, StoreError, StoreRequestRejected, StoreUnavailable,
 )
 from mesh.coordinator.jobs import JobStore
+from mesh.coordinator.streams import StreamStore, is_stream_instance
 from mesh.coordinator.store import Store
 from mesh.transport.dispatcher import Dispatcher
 from mesh.errors import InsecureBind, KeyFileError, MeshError
 from mesh.logs import configure_logging, get_logger
 from mesh.node.node_config import NodeConfig
 from mesh.job.owner import Owner, OwnerSettings
+from mesh.stream.owner import StreamOwner
 from mesh.workers.pool import WorkerPool, available_cores
 from mesh.ratelimit import LogRateLimiter
 from mesh.node.security import Authenticator, CurveSettings, is_loopback, load_allowlist
@@ -49,6 +51,7 @@ from mesh.workers.worker import WorkerConfig
 # daemon's user can reach (plaintext TCP on 127.0.0.1 lets any local user take a worker slot).
 LOCAL_BIND = "local"
 RETENTION_INTERVAL_S = 60.0  # how often a daemon looks for finished jobs past the retention
+MAX_STREAMS_PER_NODE = 256  # stream instances one daemon owns at once (each is one thread)
 RETENTION_BATCH = 16         # finished jobs deleted per control cycle while some are due
 
 
@@ -70,6 +73,8 @@ class DaemonConfig:
     curve: CurveSettings | None = None  # keys: encrypted, authenticated data plane (mesh.node.security)
     insecure_bind: bool = False         # allow a non-loopback bind without keys (a trusted network)
     stall_timeout_s: float = 60.0       # withhold systemd's watchdog after this long without progress
+    ingest_port: int | None = None      # serve push ingest (POST /streams/NAME/lines) on this port
+    ingest_host: str = "127.0.0.1"
 
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -90,6 +95,9 @@ class Daemon:
         state_dir = Path(cfg.state_dir) if cfg.state_dir else default_state_dir() / "nodes" / self.node_id
         self.node_config = NodeConfig(store, cfg.prefix, state_dir / "config.json", log=self.log)
         self.index_dir = str(state_dir / "gzip-index")  # gzip indexes of big .gz inputs, by file identity
+        self.spool_root = state_dir / "spool"             # push streams' spools: spool/NAME (an input of NAME)
+        self.streams = StreamStore(self.jobs)
+        self._streams_dirty = threading.Event()           # --every-node streams may need our instance
         self.config_source = self.node_config.load_initial()
         config = self.node_config.config
         self.window = _pick(cfg.window, config.window)  # credits each worker announces
@@ -416,6 +424,13 @@ class Daemon:
         for event in self._watch.get(timeout_s=0.05):  # also how soon stop() is noticed
             self._on_event(event)
         self._settle_claims()
+        if self._streams_dirty.is_set():
+            self._streams_dirty.clear()
+            try:
+                self._ensure_stream_instances()
+            except BaseException:
+                self._streams_dirty.set()
+                raise
         if self._rescan.is_set():
             self._rescan.clear()
             try:
@@ -451,6 +466,7 @@ class Daemon:
             watch.cancel()
             raise
         self._rescan.set()
+        self._streams_dirty.set()
         return watch
 
     @property
@@ -510,6 +526,8 @@ class Daemon:
             self._on_node_event(event, rest)
         elif kind == "pending" and event.type == "put":
             self._rescan.set()  # a job became pending (submitted, handed back, replayed)
+        elif kind == "streams":
+            self._streams_dirty.set()
         elif event.kv.key == self.drain_key:
             if event.type == "put" and not self.draining:
                 self._drain()
@@ -632,19 +650,23 @@ class Daemon:
             return
         for job_id in self.jobs.claimable_jobs():
             if job_id not in self.owners and job_id not in self._claims:
-                if not self._try_claim(job_id):
+                if not self._try_claim(job_id) and not is_stream_instance(job_id):
                     return
 
-    def _full(self) -> bool:
+    def _full(self, job_id: str = "") -> bool:
+        """No room for `job_id`: streams (standing jobs, ids "s-...") and jobs have separate
+        limits, so that streams never starve batch jobs of owners, nor jobs streams."""
+        stream = is_stream_instance(job_id)
         with self._owners_lock:
-            owned = len(self.owners) + len(self._claims)
-        return self.draining or owned >= _pick(self.cfg.max_jobs, self.node_config.config.max_jobs_per_node)
+            owned = sum(is_stream_instance(j) == stream for j in [*self.owners, *self._claims])
+        limit = MAX_STREAMS_PER_NODE if stream else _pick(self.cfg.max_jobs, self.node_config.config.max_jobs_per_node)
+        return self.draining or owned >= limit
 
     def _try_claim(self, job_id: str) -> bool:
         """Claim `job_id` if we have room and start its owner; return False when we are full. A
         claim stays in `_claims` until its owner runs: a store failure after it (or a claim whose
         answer was lost) is settled by the next cycles, never left owned by nobody running it."""
-        if self._full():
+        if self._full(job_id):
             return False
         try:
             epoch = self.jobs.claim(job_id, self.node_id, self.lease.id)
@@ -696,8 +718,9 @@ class Daemon:
                 pass
             del self._claims[job_id]
             return
-        owner = Owner(job_id=job_id, epoch=epoch, spec=spec, jobs=self.jobs, dispatcher=self.dispatcher,
-                      node_id=self.node_id, on_exit=self._owner_exited,
+        kind, extra = (StreamOwner, {"spool_dir": self.spool_dir(spec.stream["name"])}) if spec.stream else (Owner, {})
+        owner = kind(job_id=job_id, epoch=epoch, spec=spec, jobs=self.jobs, dispatcher=self.dispatcher,
+                      node_id=self.node_id, on_exit=self._owner_exited, **extra,
                       settings=_pick(self.cfg.owner, OwnerSettings(commit_interval_s=config.commit_interval_s)),
                       allowed_modules=config.task_module_allowlist,
                       input_roots=config.input_roots, output_roots=config.output_roots,
@@ -708,6 +731,18 @@ class Daemon:
             del self._claims[job_id]
         owner.start()
         self._record_dirty.set()  # peers learn at once that we own a job
+
+    def spool_dir(self, stream: str) -> str:
+        return str(self.spool_root / stream)
+
+    def _ensure_stream_instances(self) -> None:
+        """Our instance of every running --every-node stream (created once; claimed by us only)."""
+        if self.draining:
+            return
+        for record in self.streams.every_node_streams():
+            job_id = self.streams.ensure_instance(record, self.node_id)
+            if job_id is not None and job_id not in self.owners:
+                self._rescan.set()
 
     def _apply_retention(self, now: float) -> None:
         """Delete finished jobs older than the cluster's job_retention_s, a batch per cycle while

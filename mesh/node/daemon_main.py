@@ -25,7 +25,8 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
                log_level: str | None = None, lease_ttl_s: float | None = None, state_dir: str | None = None,
                drain_timeout_s: float = 30.0, config_file: str | None = None, bind: str | None = None,
                advertise: str | None = None, curve_key: str | None = None, curve_allow: str | None = None,
-               insecure_bind: bool = False, stall_timeout_s: float = 60.0) -> int:
+               insecure_bind: bool = False, stall_timeout_s: float = 60.0, ingest_port: int | None = None,
+               ingest_host: str = "127.0.0.1") -> int:
     from mesh.node.sdnotify import Notifier
     notifier = Notifier.from_env(unset_environment=True)  # before any child inherits NOTIFY_SOCKET
 
@@ -79,7 +80,8 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
         daemon = Daemon(store, DaemonConfig(**{"workers": workers, "node_id": node_id or "", "log_level": log_level,
                                                "lease_ttl_s": lease_ttl_s, "state_dir": state_dir, "bind": bind_url,
                                                "advertise": advertise, "curve": curve, "insecure_bind": insecure_bind,
-                                               "stall_timeout_s": stall_timeout_s, **overrides}), notifier=notifier)
+                                               "stall_timeout_s": stall_timeout_s, "ingest_port": ingest_port,
+                                               "ingest_host": ingest_host, **overrides}), notifier=notifier)
     except MeshError as exc:  # keys unreadable, allowlist broken, plaintext on a network address
         print(f"meshd: {exc}", file=sys.stderr)
         store.close()
@@ -159,6 +161,22 @@ def seconds_arg(text: str, *, zero_ok: bool = False) -> float:
     return value
 
 
+def port_arg(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in [1, 65535] (got {text!r})")
+    return int(text)
+
+
+def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
+    """--ingest-port/--ingest-host (meshd and `meshctl up`): push ingest for --push streams."""
+    p.add_argument("--ingest-port", type=port_arg, default=None, metavar="PORT",
+                   help="serve push ingest (POST http://HOST:PORT/streams/NAME/lines) for --push streams: 200 once "
+                        "the lines are fsynced to this node's spool, 503 when it is full (default: off)")
+    p.add_argument("--ingest-host", default="127.0.0.1", metavar="HOST",
+                   help="address the ingest port binds (default 127.0.0.1: this host only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshd", description="chunkmesh daemon: workers pinned to cores, "
                                                           "jobs claimed from the coordinator")
@@ -193,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local overrides (KEY=VALUE: workers, log_level), re-read on SIGHUP")
     p.add_argument("--state-dir", default=None,
                    help="where this node caches the cluster config (default: $MESH_STATE_DIR/nodes/NODE_ID)")
+    add_ingest_arguments(p)
     return p
 
 
@@ -202,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                       lease_ttl_s=args.lease_ttl, state_dir=args.state_dir, drain_timeout_s=args.drain_timeout,
                       config_file=args.config, bind=args.bind, advertise=args.advertise,
                       curve_key=args.curve_key, curve_allow=args.curve_allow, insecure_bind=args.insecure_bind,
-                      stall_timeout_s=args.stall_timeout)
+                      stall_timeout_s=args.stall_timeout, ingest_port=args.ingest_port, ingest_host=args.ingest_host)
 
 
 if __name__ == "__main__":

@@ -58,11 +58,13 @@ class FileRead:
     gzip_index: str | None = None  # a gzip index file of this node (then `start`/`end` are decompressed)
     shipped: int = -1         # bytes of this read in the payload (-1: read the file)
     error: str = ""           # the shipping node could not read it: why (a dead letter)
+    growing: bool = False     # a stream's file: it may have grown past `size` (only a shrink is a change)
 
     def to_doc(self) -> list:
-        return [self.index, self.path, self.encoding, self.size, self.raw_start, self.position, self.start,
-                self.end, self.eof, self.dev, self.ino, self.mtime_ns, self.fingerprint, self.gzip_index,
-                self.shipped, self.error]
+        doc = [self.index, self.path, self.encoding, self.size, self.raw_start, self.position, self.start,
+               self.end, self.eof, self.dev, self.ino, self.mtime_ns, self.fingerprint, self.gzip_index,
+               self.shipped, self.error]
+        return doc + [True] if self.growing else doc
 
     @classmethod
     def from_doc(cls, doc) -> FileRead:
@@ -90,7 +92,8 @@ def _check(read: FileRead) -> None:
         raise FrameError("bad_descriptor", "file read path must be an absolute path")
     if read.encoding not in ("none", "gzip", "zstd", "lz4"):
         raise FrameError("bad_descriptor", f"file read encoding {read.encoding!r} is not one of none, gzip, zstd, lz4")
-    if not isinstance(read.eof, bool) or not isinstance(read.fingerprint, str) or not isinstance(read.error, str):
+    if not isinstance(read.eof, bool) or not isinstance(read.growing, bool) or not isinstance(read.fingerprint, str) \
+            or not isinstance(read.error, str):
         raise FrameError("bad_descriptor", "file read eof must be a boolean and fingerprint a string")
     if read.gzip_index is not None and not isinstance(read.gzip_index, str):
         raise FrameError("bad_descriptor", "file read gzip_index must be null or a path")

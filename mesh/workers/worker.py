@@ -364,7 +364,8 @@ class Worker:
         except OutputError as exc:  # e.g. a newer owner removed our epoch's pending directory
             log.info("pending_write_failed", error=str(exc))
             return self._result(header, ChunkOutcome(), orjson.dumps({"write_failed": str(exc)}))
-        body = orjson.dumps({**reported.meta(), "partial": None, "dead_letters": [], "unreadable": [], "wrote": wrote})
+        body = orjson.dumps({**reported.meta(), "partial": None, "dead_letters": [],
+                             "unreadable": reported.unreadable[:4], "wrote": wrote})  # a few: what a stream retries
         return self._result(header, ChunkOutcome(records_out=reported.records_out), body)
 
     @staticmethod

@@ -1,0 +1,1 @@
+"""Streams: standing jobs that follow files as they arrive (DESIGN.md, "Streams")."""

@@ -1,0 +1,111 @@
+"""A stream on one daemon follows files as a log shipper must: new files, appends, half lines,
+rotation by rename and by copytruncate, deletion, compressed files once complete. Every check
+compares the committed output with the complete lines written, as a multiset."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+
+import pytest
+
+from mesh.coordinator.streams import StreamStore
+from streamkit import committed, lines_of, start_stream, wait_committed
+from waiting import wait_until
+
+
+@pytest.fixture()
+def logs(tmp_path):
+    root = tmp_path / "logs"
+    root.mkdir()
+    return root
+
+
+def append(path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+
+
+def test_new_files_and_appended_lines_are_committed_once(mesh, logs, tmp_path):
+    out = tmp_path / "out"
+    append(logs / "a.log", b"a1\na2\n")
+    start_stream(mesh.client, "follow", [logs], out, commit_interval_s=0.2, poll_interval_s=0.05)
+    wait_committed(out, lines_of(b"a1\na2\n"))
+    append(logs / "a.log", b"a3\n")
+    append(logs / "b.log", b"b1\n")
+    wait_committed(out, lines_of(b"a1\na2\na3\nb1\n"))
+    status = StreamStore(mesh.client.jobs).status("follow")
+    assert status["instances"][0]["files_tracked"] == 2
+
+
+def test_a_half_written_line_waits_for_its_newline(mesh, logs, tmp_path):
+    out = tmp_path / "out"
+    append(logs / "a.log", b"one\ntw")
+    start_stream(mesh.client, "half", [logs], out, commit_interval_s=0.2, poll_interval_s=0.05)
+    wait_committed(out, lines_of(b"one\n"))
+    append(logs / "a.log", b"o\nthree\n")
+    wait_committed(out, lines_of(b"one\ntwo\nthree\n"))
+
+
+def test_rotation_by_rename_and_by_copytruncate(mesh, logs, tmp_path):
+    out = tmp_path / "out"
+    app, other = logs / "app.log", logs / "other.log"
+    append(app, b"r1\nr2\n")
+    append(other, b"c1\nc2\n")
+    start_stream(mesh.client, "rotate", [logs], out, commit_interval_s=0.2, poll_interval_s=0.05)
+    wait_committed(out, lines_of(b"r1\nr2\nc1\nc2\n"))
+    append(app, b"r3\n")
+    os.rename(app, logs / "app.log.1")      # logrotate's default: rename, then create
+    append(app, b"r4\n")
+    append(logs / "app.log.1", b"r3b\n")    # the writer still had the old file open
+    shutil.copyfile(other, logs / "other.log.1")  # copytruncate: copy, then truncate in place
+    os.truncate(other, 0)
+    append(other, b"c3\n")
+    # the copy is a new file with lines already read: copytruncate repeats them, as every tailer
+    # does (the copy is another file); only the original's lines count once each
+    wait_committed(out, lines_of(b"r1\nr2\nr3\nr4\nr3b\nc1\nc2\nc3\n", b"c1\nc2\n"))
+
+
+def test_a_file_deleted_while_held_open_is_read_to_its_end(mesh, logs, tmp_path):
+    out = tmp_path / "out"
+    path = logs / "gone.log"
+    append(path, b"g1\n")
+    start_stream(mesh.client, "delete", [logs], out, commit_interval_s=0.2, poll_interval_s=0.05)
+    wait_committed(out, lines_of(b"g1\n"))
+    with open(path, "ab") as writer:   # the app keeps writing, then the file is deleted
+        writer.write(b"g2\n" * 1000)
+        writer.flush()
+        os.unlink(path)
+        writer.write(b"g3\n")
+    wait_committed(out, lines_of(b"g1\n", b"g2\n" * 1000, b"g3\n"))
+
+
+def test_a_compressed_file_is_processed_once_when_complete(mesh, logs, tmp_path):
+    out = tmp_path / "out"
+    body = b"".join(b"z%d\n" % i for i in range(5000))
+    packed = gzip.compress(body)
+    start_stream(mesh.client, "gz", [logs], out, commit_interval_s=0.2, poll_interval_s=0.05)
+    with open(logs / "old.log.gz", "wb") as f:   # written in two steps, like gzip does
+        f.write(packed[: len(packed) // 2])
+        f.flush()
+        f.write(packed[len(packed) // 2:])
+    wait_committed(out, lines_of(body))
+
+
+def test_stop_commits_then_ends_and_a_restart_of_the_daemon_resumes(tmp_path, logs):
+    from mesh.faces.testing import running_mesh
+    out = tmp_path / "out"
+    state = tmp_path / "state"
+    append(logs / "a.log", b"x1\nx2\n")
+    with running_mesh(state, workers=1) as mesh:
+        start_stream(mesh.client, "resume", [logs], out, commit_interval_s=0.2, poll_interval_s=0.05)
+        wait_committed(out, lines_of(b"x1\nx2\n"))
+    append(logs / "a.log", b"x3\n")   # written while no daemon runs
+    append(logs / "b.log", b"y1\n")
+    with running_mesh(state, workers=1) as mesh:
+        wait_committed(out, lines_of(b"x1\nx2\nx3\ny1\n"))
+        streams = StreamStore(mesh.client.jobs)
+        streams.stop("resume")
+        wait_until(lambda: streams.stopped("resume"), 30, "the stream to stop")
+        assert streams.status("resume")["instances"][0]["state"] == "cancelled"
+    assert committed(out) == lines_of(b"x1\nx2\nx3\ny1\n")
