@@ -31,6 +31,8 @@ DEFAULTS = {"commit_interval_s": 1.0, "poll_interval_s": 0.2, "forget_after_s": 
             "push": False}
 _LIMITS = {"commit_interval_s": (0.05, 3600.0), "poll_interval_s": (0.01, 60.0), "forget_after_s": (1.0, 10 * 365 * 86400.0)}
 STOPPED_REASON = "stopped by user"
+#: In an --every-node stream's inputs, replaced by each node's id (hosts sharing one file system).
+NODE_PLACEHOLDER = "{node}"
 
 
 def stream_settings(name: str, **given) -> dict:
@@ -121,7 +123,9 @@ class StreamStore:
         Returns its job id, None when the stream stopped meanwhile."""
         name = record["name"]
         job_id = instance_id(name, node_id)
-        spec = JobSpec(**{**record["spec"], "node": node_id, "out": f"{record['spec']['out'].rstrip('/')}/{node_id}"})
+        template = record["spec"]
+        spec = JobSpec(**{**template, "node": node_id, "out": f"{template['out'].rstrip('/')}/{node_id}",
+                          "inputs": [p.replace(NODE_PLACEHOLDER, node_id) for p in template["inputs"]]})
         key = self._key(name)
         current = self.store.get(key)
         if current is None or orjson.loads(current.value).get("state") != "running":

@@ -169,7 +169,7 @@ def cmd_up(args) -> int:
     from mesh.node.daemon_main import run_daemon
     return run_daemon(args.coordinator, workers=args.workers, node_id=args.node_id,
                       log_level="debug" if args.verbose else "info", ingest_port=args.ingest_port,
-                      ingest_host=args.ingest_host)
+                      ingest_host=args.ingest_host, ingest_spool_bytes=args.ingest_spool_bytes)
 
 
 def cmd_submit(args) -> int:

@@ -31,7 +31,7 @@ import zmq
 from mesh import __version__
 from mesh.coordinator.connect import default_state_dir
 from mesh.coordinator.errors import (
-    Compacted, InvalidSpec, JobNotFound, LeaseNotFound, NotOwner, StoreError, StoreRequestRejected, StoreUnavailable,
+    Compacted, InvalidSpec, JobNotFound, StreamNotFound, LeaseNotFound, NotOwner, StoreError, StoreRequestRejected, StoreUnavailable,
 )
 from mesh.coordinator.jobs import JobStore
 from mesh.coordinator.streams import StreamStore, is_stream_instance
@@ -41,6 +41,7 @@ from mesh.errors import InsecureBind, KeyFileError, MeshError
 from mesh.logs import configure_logging, get_logger
 from mesh.node.node_config import NodeConfig
 from mesh.job.owner import Owner, OwnerSettings
+from mesh.stream.ingest import IngestServer
 from mesh.stream.owner import StreamOwner
 from mesh.workers.pool import WorkerPool, available_cores
 from mesh.ratelimit import LogRateLimiter
@@ -75,6 +76,7 @@ class DaemonConfig:
     stall_timeout_s: float = 60.0       # withhold systemd's watchdog after this long without progress
     ingest_port: int | None = None      # serve push ingest (POST /streams/NAME/lines) on this port
     ingest_host: str = "127.0.0.1"
+    ingest_spool_bytes: int = 1 << 30   # each push stream's spool here; past it pushes get 503
 
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -98,6 +100,10 @@ class Daemon:
         self.spool_root = state_dir / "spool"             # push streams' spools: spool/NAME (an input of NAME)
         self.streams = StreamStore(self.jobs)
         self._streams_dirty = threading.Event()           # --every-node streams may need our instance
+        self._push_streams: dict[str, float] = {}         # push stream -> monotonic time it was last confirmed
+        self.ingest = None if cfg.ingest_port is None else IngestServer(
+            host=cfg.ingest_host, port=cfg.ingest_port, lookup=self._push_spool, log=self.log,
+            max_spool_bytes=cfg.ingest_spool_bytes)
         self.config_source = self.node_config.load_initial()
         config = self.node_config.config
         self.window = _pick(cfg.window, config.window)  # credits each worker announces
@@ -237,6 +243,9 @@ class Daemon:
             self.log.warning("coordinator_unreachable_will_retry", error=str(exc), config_version=self.config_version,
                              config_source=self.config_source)
         self._thread.start()
+        if self.ingest is not None:
+            self.ingest.start()
+            self.log.info("push_ingest_listening", host=self.cfg.ingest_host, port=self.ingest.port)
         self.log.info("daemon_started", endpoint=self.dispatcher.endpoint,
                       workers=self.pool.statistics().workers, cores=available_cores(),
                       config_version=self.config_version, config_source=self.config_source)
@@ -273,6 +282,8 @@ class Daemon:
             deadline = time.monotonic() + drain_timeout_s
             self.drain(deadline).wait(drain_timeout_s)
             self._wait_drained(deadline)
+        if self.ingest is not None:  # first: no line is answered 200 that no stream will read soon
+            self.ingest.stop()
         self._stop.set()
         self._wake.set()
         with self._owners_lock:
@@ -734,6 +745,21 @@ class Daemon:
 
     def spool_dir(self, stream: str) -> str:
         return str(self.spool_root / stream)
+
+    def _push_spool(self, name: str) -> str | None:
+        """Push ingest's question (on its threads): the spool of `name` if it is a running push
+        stream, else None (404). A yes is trusted for a second: a flood reads the store once a second."""
+        confirmed = self._push_streams.get(name)
+        if confirmed is not None and time.monotonic() - confirmed < 1.0:
+            return self.spool_dir(name)
+        try:
+            record = self.streams.get(name)
+        except (StreamNotFound, ValueError):
+            return None
+        if record.get("state") != "running" or not (record.get("spec", {}).get("stream") or {}).get("push"):
+            return None
+        self._push_streams[name] = time.monotonic()
+        return self.spool_dir(name)
 
     def _ensure_stream_instances(self) -> None:
         """Our instance of every running --every-node stream (created once; claimed by us only)."""

@@ -26,7 +26,7 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
                drain_timeout_s: float = 30.0, config_file: str | None = None, bind: str | None = None,
                advertise: str | None = None, curve_key: str | None = None, curve_allow: str | None = None,
                insecure_bind: bool = False, stall_timeout_s: float = 60.0, ingest_port: int | None = None,
-               ingest_host: str = "127.0.0.1") -> int:
+               ingest_host: str = "127.0.0.1", ingest_spool_bytes: int | None = None) -> int:
     from mesh.node.sdnotify import Notifier
     notifier = Notifier.from_env(unset_environment=True)  # before any child inherits NOTIFY_SOCKET
 
@@ -81,7 +81,9 @@ def run_daemon(coordinator: str | None, *, workers: int | None = None, node_id: 
                                                "lease_ttl_s": lease_ttl_s, "state_dir": state_dir, "bind": bind_url,
                                                "advertise": advertise, "curve": curve, "insecure_bind": insecure_bind,
                                                "stall_timeout_s": stall_timeout_s, "ingest_port": ingest_port,
-                                               "ingest_host": ingest_host, **overrides}), notifier=notifier)
+                                               "ingest_host": ingest_host,
+                                               **({"ingest_spool_bytes": ingest_spool_bytes} if ingest_spool_bytes else {}),
+                                               **overrides}), notifier=notifier)
     except MeshError as exc:  # keys unreadable, allowlist broken, plaintext on a network address
         print(f"meshd: {exc}", file=sys.stderr)
         store.close()
@@ -175,6 +177,9 @@ def add_ingest_arguments(p: argparse.ArgumentParser) -> None:
                         "the lines are fsynced to this node's spool, 503 when it is full (default: off)")
     p.add_argument("--ingest-host", default="127.0.0.1", metavar="HOST",
                    help="address the ingest port binds (default 127.0.0.1: this host only)")
+    p.add_argument("--ingest-spool-bytes", type=int, default=None, metavar="BYTES",
+                   help="bound of each push stream's spool on this node (default 1 GiB): past it, pushes get 503 "
+                        "with Retry-After until the stream has caught up")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                       lease_ttl_s=args.lease_ttl, state_dir=args.state_dir, drain_timeout_s=args.drain_timeout,
                       config_file=args.config, bind=args.bind, advertise=args.advertise,
                       curve_key=args.curve_key, curve_allow=args.curve_allow, insecure_bind=args.insecure_bind,
-                      stall_timeout_s=args.stall_timeout, ingest_port=args.ingest_port, ingest_host=args.ingest_host)
+                      stall_timeout_s=args.stall_timeout, ingest_port=args.ingest_port, ingest_host=args.ingest_host,
+                      ingest_spool_bytes=args.ingest_spool_bytes)
 
 
 if __name__ == "__main__":

@@ -212,7 +212,8 @@ class IngestServer:
         with self._spools_lock:
             spool = self._spools.get(key)
             if spool is None:
-                spool = self._spools[key] = Spool(key, max_bytes=self.max_spool_bytes)
+                spool = self._spools[key] = Spool(key, max_bytes=self.max_spool_bytes,
+                                                        file_bytes=spool_file_bytes(self.max_spool_bytes))
             return spool
 
 
@@ -249,3 +250,9 @@ async def _json_errors(request: web.Request, handler) -> web.StreamResponse:
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         message = f"{exc.reason}: {request.method} {request.path}"
         return web.json_response({"error": message}, status=exc.status, headers=headers)
+
+
+def spool_file_bytes(max_spool_bytes: int) -> int:
+    """Seal spool files at an eighth of the bound (at most 64 MiB): the stream deletes sealed
+    files once committed, so a spool under a flood drains in steps, never stays full."""
+    return max(64 << 10, min(64 << 20, max_spool_bytes // 8))

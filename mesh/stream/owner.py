@@ -54,6 +54,7 @@ CLOSE_INACTIVE_S = 60.0      # a file unchanged this long is no longer held open
 MAX_AWAITING = 4096          # chunks done but not committed: commit early past this
 STOP_TIMEOUT_S = 30.0        # a stop waits this long for the chunks out, then commits what is done
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
+COMPRESSED_TRIES = 5         # a compressed file failing this often (corrupt, not just incomplete) is a dead letter
 SEALED = ".sealed"           # a push spool's sealed file: deleted once every line of it is committed
 COUNTERS = ("records_in", "records_out", "failed_records", "bytes_in", "task_cpu_us", "decode_cpu_us")
 
@@ -193,7 +194,8 @@ class StreamOwner(Owner):
             if self.stopping_since is None and self.drain_deadline is None and now >= next_poll:
                 self._scan()
                 self._plan()
-                next_poll = time.monotonic() + self.poll_interval_s
+                took = time.monotonic() - now  # a scan of many files takes at most ~1/5 of a core
+                next_poll = time.monotonic() + max(self.poll_interval_s, 4 * took)
             self._send()
             if now >= next_commit or len(self.awaiting) >= MAX_AWAITING:
                 self._commit()
@@ -585,13 +587,18 @@ class StreamOwner(Owner):
         self.registry.touch(entry)
 
     def _retry(self, chunk: StreamChunk, failures: list) -> None:
-        """Plan the chunk's files again from where it started (later, for a file that failed)."""
+        """Plan the chunk's files again from where it started (later, for a file that failed). A
+        compressed file that still fails after COMPRESSED_TRIES, unchanged, is a dead letter."""
         error = next((str(f.get("error", "")) for f in failures if isinstance(f, dict)), "")
         for span in chunk.spans:
             if not self._stale(span):
                 self._rewind(span.entry, span.start)
                 if error:
                     self._failed(span.entry, span.start, error)
+                    if span.entry.encoding != "none" and span.entry.failures >= COMPRESSED_TRIES:
+                        self._notice(span.entry, 0, error)
+                        span.entry.flags |= DONE
+                        self._advance(span.entry, 0, span.entry.size)
 
     def _rewind(self, entry: Tracked, start: int) -> None:
         self.generations[entry.serial] = self.generations.get(entry.serial, 0) + 1

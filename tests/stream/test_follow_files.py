@@ -109,3 +109,36 @@ def test_stop_commits_then_ends_and_a_restart_of_the_daemon_resumes(tmp_path, lo
         wait_until(lambda: streams.stopped("resume"), 30, "the stream to stop")
         assert streams.status("resume")["instances"][0]["state"] == "cancelled"
     assert committed(out) == lines_of(b"x1\nx2\nx3\ny1\n")
+
+
+def _post(port: int, name: str, body: bytes):
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("POST", f"/streams/{name}/lines", body=body)
+    response = conn.getresponse()
+    payload = response.read()
+    conn.close()
+    return response.status, response.getheader("Retry-After"), payload
+
+
+def test_push_ingest_feeds_a_stream_and_answers_503_when_its_spool_is_full(tmp_path):
+    """A task that holds its chunk for 60 s keeps the spool from draining whatever the machine's
+    speed: posts past the bound get 503 with Retry-After; an unknown stream 404."""
+    import socket
+    from mesh.faces.testing import running_mesh
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with running_mesh(tmp_path / "state", workers=1, task_modules=("sample_tasks",), node_id="pusher",
+                      ingest_port=port, ingest_spool_bytes=64 << 10) as mesh:
+        fast, slow = tmp_path / "fast", tmp_path / "slow"
+        mesh.client.start_stream("fast", [], "identity", out=str(fast), push=True, commit_interval_s=0.2,
+                                 poll_interval_s=0.05)
+        assert _post(port, "fast", b"e1\ne2")[0] == 200  # a missing last newline is added
+        assert _post(port, "fast", b"e3\n")[0] == 200
+        wait_committed(fast, lines_of(b"e1\ne2\ne3\n"))
+        assert _post(port, "nope", b"x\n")[0] == 404
+        mesh.client.start_stream("slow", [], "sample_tasks:slow", {"delay_s": 60}, out=str(slow), push=True)
+        body = b"".join(b"line-%05d\n" % i for i in range(1000))  # 11 KB
+        codes = [_post(port, "slow", body)[:2] for _ in range(12)]  # 132 KB against a 64 KiB bound
+        assert (200, None) in codes and (503, "1") in codes, codes
