@@ -8,8 +8,8 @@ new serial and is read from its start. Parts are named by (serial, offset), so n
 reused with another meaning.
 
 In the store the registry is cut into shards of SHARD_SPAN consecutive serials
-(`{p}registry/JOB/SHARD`): at most SHARD_SPAN entries of about 100 bytes each, so no value grows
-past ~56 KiB whatever the number of files; a commit writes only the shards it changed, in the
+(`{p}registry/JOB/SHARD`): at most SHARD_SPAN entries of at most ~130 bytes each (64-bit device and inode), so no value
+grows past ~52 KiB whatever the number of files; a commit writes only the shards it changed, in the
 same fenced txn as the parts it makes visible (mesh.stream.owner). Entries of files gone or idle
 past `forget_after_s` are dropped: the registry is bounded by the files that exist.
 """
@@ -18,8 +18,8 @@ from __future__ import annotations
 import orjson
 from dataclasses import dataclass
 
-SHARD_SPAN = 512
-#: The most shards one commit may change (each at most ~56 KiB: one txn stays far below etcd's 1.5 MiB).
+SHARD_SPAN = 400
+#: The most shards one commit may change (each at most ~52 KiB: one txn stays far below etcd's 1.5 MiB).
 MAX_SHARDS_PER_COMMIT = 16
 
 # flags of an entry
@@ -61,7 +61,7 @@ class Tracked:
 
     @property
     def next_plan(self) -> int:
-        return self.committed if self.planned < 0 else self.planned
+        return max(self.committed, self.planned)  # a skip or a notice may move `committed` past it
 
     def to_doc(self) -> list:
         return [self.dev, self.ino, self.fp, self.fp_len, self.committed, self.flags, self.seen]

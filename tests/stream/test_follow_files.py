@@ -142,3 +142,32 @@ def test_push_ingest_feeds_a_stream_and_answers_503_when_its_spool_is_full(tmp_p
         body = b"".join(b"line-%05d\n" % i for i in range(1000))  # 11 KB
         codes = [_post(port, "slow", body)[:2] for _ in range(12)]  # 132 KB against a 64 KiB bound
         assert (200, None) in codes and (503, "1") in codes, codes
+
+
+def _dead_letters(out) -> list[dict]:
+    import orjson
+    from mesh.stream.output import list_stream_parts
+    return [orjson.loads(line) for part in list_stream_parts(out, "dead") for line in part.read_bytes().splitlines()]
+
+
+def test_bad_input_is_a_dead_letter_naming_file_and_offset_and_the_stream_goes_on(mesh, logs, tmp_path):
+    """Invalid UTF-8 for a JSON task, and a line longer than the record limit (64 MiB) still
+    being written: each one dead letter naming the file and offset; every good line processed."""
+    from mesh.transport.chunks import MAX_RECORD_BYTES
+    out = tmp_path / "out"
+    good = b'{"status": 200}\n'
+    append(logs / "a.jsonl", good + b'{"status": "\xff\xfe"}\n' + good)
+    start_stream(mesh.client, "bad", [logs], out, task="jsonl", commit_interval_s=0.2, poll_interval_s=0.05)
+    wait_committed(out, lines_of(good * 2))
+    big = logs / "b.jsonl"
+    append(big, good)
+    with open(big, "ab") as f:  # an unterminated line past the limit: the stream must not wait forever
+        f.truncate(len(good) + MAX_RECORD_BYTES + 1)
+    wait_until(lambda: len(_dead_letters(out)) == 2, 60, "two dead letters")
+    append(big, b"\n" + good)  # the long line ends; what follows is processed
+    wait_committed(out, lines_of(good * 4))
+    letters = sorted(_dead_letters(out), key=lambda d: d["file"])
+    assert [(os.path.basename(d["file"]), d["offset"]) for d in letters] == [
+        ("a.jsonl", len(good)), ("b.jsonl", len(good))], letters
+    assert "longer than the record limit" in letters[1]["error"]
+    assert StreamStore(mesh.client.jobs).status("bad")["instances"][0]["state"] == "running"
