@@ -378,7 +378,7 @@ class StreamOwner(Owner):
         now = time.monotonic()
         busy = self._busy_shards()
         in_flight_bytes = sum(c.nbytes for c in self.chunks.values())
-        bundle: list[tuple[Tracked, int, int, bytes]] = []
+        bundle: list[tuple[Tracked, int, int, int, bytes]] = []
         bundle_bytes = 0
         for entry in list(self.registry.by_serial.values()):
             if len(self.chunks) + len(self.unsent) >= MAX_CHUNKS_IN_FLIGHT or in_flight_bytes >= MAX_BYTES_IN_FLIGHT:
@@ -392,12 +392,18 @@ class StreamOwner(Owner):
                 continue
             busy.add(entry.shard)
             start, end, head = planned
-            if end - start >= self.spec.chunk_size or entry.encoding != "none":
-                for chunk_start in range(start, end, self.spec.chunk_size):
-                    self._new_chunk([(entry, chunk_start, min(end, chunk_start + self.spec.chunk_size), head)])
+            if entry.encoding != "none":
+                self._new_chunk([(entry, start, end, end, head)])  # read whole, once: one chunk
                 in_flight_bytes += end - start
                 continue
-            bundle.append((entry, start, end, head))
+            if end - start >= self.spec.chunk_size:
+                # pieces on the chunk grid; each may read up to `end` (complete lines), so the line
+                # that crosses a piece's end is read whole by the piece it starts in
+                for chunk_start in range(start, end, self.spec.chunk_size):
+                    self._new_chunk([(entry, chunk_start, min(end, chunk_start + self.spec.chunk_size), end, head)])
+                in_flight_bytes += end - start
+                continue
+            bundle.append((entry, start, end, end, head))
             bundle_bytes += end - start
             in_flight_bytes += end - start
             if bundle_bytes >= self.spec.chunk_size or len(bundle) >= MAX_READS_PER_CHUNK:
@@ -486,10 +492,13 @@ class StreamOwner(Owner):
             self._hold(entry, fd)
         return fd  # not held: the caller closes it
 
-    def _new_chunk(self, spans: list[tuple[Tracked, int, int, bytes]]) -> None:
+    def _new_chunk(self, spans: list[tuple[Tracked, int, int, int, bytes]]) -> None:
+        """One chunk of reads: per span (entry, start, end, limit, head), the lines starting in
+        [start, end) of the file, which may be read up to `limit` (the end of its last complete
+        line: the line crossing `end` is read whole by this chunk)."""
         reads, where = [], Where.SHARED
         chunk = StreamChunk(key=(spans[0][0].serial, spans[0][1]), spans=[])
-        for entry, start, end, head in spans:
+        for entry, start, end, limit, head in spans:
             generation = self.generations.get(entry.serial, 0)
             chunk.spans.append(Span(entry, start, end, generation))
             entry.planned = max(entry.next_plan, end)
@@ -501,9 +510,9 @@ class StreamOwner(Owner):
                 where = Where.SHIP
             if entry.encoding == "none":
                 first = max(start - 1, 0)  # the byte before a line start: the range owns the line at `start`
-                reads.append(FileRead(index=entry.serial, path=path, encoding="none", size=end, raw_start=first,
-                                      position=first, start=first, end=end - 1, eof=True, dev=entry.dev,
-                                      ino=entry.ino, fingerprint=fingerprint(head, min(end, FINGERPRINT_BYTES)),
+                reads.append(FileRead(index=entry.serial, path=path, encoding="none", size=limit, raw_start=first,
+                                      position=first, start=first, end=end - 1, eof=end == limit, dev=entry.dev,
+                                      ino=entry.ino, fingerprint=fingerprint(head, min(limit, FINGERPRINT_BYTES)),
                                       growing=True))
             else:
                 reads.append(FileRead(index=entry.serial, path=path, encoding=entry.encoding, size=end, raw_start=0,

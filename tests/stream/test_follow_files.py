@@ -92,6 +92,24 @@ def test_a_compressed_file_is_processed_once_when_complete(mesh, logs, tmp_path)
     wait_committed(out, lines_of(body))
 
 
+def test_appends_and_compressed_files_bigger_than_a_chunk_are_committed_whole(mesh, logs, tmp_path):
+    """An append of several chunks is cut on the chunk grid with lines crossing each cut (a
+    line is read whole by the piece it starts in, never cut in two); a .gz bigger than a chunk
+    is one whole read (it cannot be cut by byte ranges)."""
+    out = tmp_path / "out"
+    start_stream(mesh.client, "big", [logs], out, commit_interval_s=0.2, poll_interval_s=0.05, chunk_size=64 * 1024)
+    burst = b"".join(b"burst-%06d-%s\n" % (i, b"x" * (i % 97)) for i in range(6000))  # ~370 KiB, 6 chunks
+    assert len(burst) > 4 * 64 * 1024
+    append(logs / "app.log", b"first\n")
+    wait_committed(out, lines_of(b"first\n"))
+    append(logs / "app.log", burst)
+    body = b"".join(b"gz-%06d-%s\n" % (i, os.urandom(24).hex().encode()) for i in range(6000))
+    packed = gzip.compress(body)
+    assert len(packed) > 2 * 64 * 1024
+    (logs / "old.log.gz").write_bytes(packed)
+    wait_committed(out, lines_of(b"first\n", burst, body))
+
+
 def test_stop_commits_then_ends_and_a_restart_of_the_daemon_resumes(tmp_path, logs):
     from mesh.faces.testing import running_mesh
     out = tmp_path / "out"
