@@ -19,7 +19,9 @@ depends on the clock, since the writer runs for a fixed time):
   does so only once every complete line of the original is in the stream's committed output
   (else lines read by nobody would vanish with the truncation: the output could not be exact);
   until then the file is frozen (no appends);
-* writes complete `.gz` files in two halves (two os.write calls, a short pause between);
+* appends, now and then, a burst of 1000-3000 lines at once (more than a chunk of 64 KiB);
+* writes complete `.gz` files in two halves (two os.write calls, a short pause between), some
+  of them bigger than a chunk;
 * closes files for good (they stay, or are deleted later);
 * deletes files it no longer writes (closed, rotated, copies, .gz) once every line of them is in
   the committed output, as an operator's retention does ("delete old rotations once shipped").
@@ -32,12 +34,13 @@ the expected output is a multiset. When it ends every file ends with a newline.
 Written under --journal:
 
     written.log   every complete line written (copies' lines and .gz contents included), one per line
-    deleted.log   the content of every file it deleted, read just before the unlink (decompressed)
+    removed.log   every line it removed from disk: the content of every file it deleted, read just
+                  before the unlink (decompressed), and of every file it truncated, just before
     events.jsonl  one JSON object per file event (created, renamed, copytruncated, gz, closed, deleted)
     summary.json  counts, written last (its presence says the writer finished cleanly)
 
 The expected committed output is the lines of every file left in the input directory plus
-deleted.log; written.log is the writer's own bookkeeping of the same multiset (a cross-check).
+removed.log; written.log is the writer's own bookkeeping of the same multiset (a cross-check).
 """
 from __future__ import annotations
 
@@ -64,6 +67,8 @@ FREEZE_MAX_S = 30.0          # a copytruncate waiting longer than this for its l
 STEP_S = (0.005, 0.03)       # pacing between two appends
 SPLIT_PAUSE_S = (0.002, 0.05)
 GZ_PAUSE_S = (0.0, 0.05)     # well below the stream's settle time for compressed files (1 s)
+BIG_GZ_SHARE = 0.2           # of the .gz files: 5000-10000 lines (~100-200 KiB compressed), else 1-2000
+BURST_SHARE = 0.004          # of the appends: 1000-3000 lines at once (~100-300 KiB: several chunks)
 
 
 class Committed:
@@ -123,7 +128,7 @@ class Writer:
         self.committed = Committed(out)
         self.written: Counter = Counter()
         self.written_log = open(journal / "written.log", "ab")
-        self.deleted_log = open(journal / "deleted.log", "ab")
+        self.removed_log = open(journal / "removed.log", "ab")
         self.events = open(journal / "events.jsonl", "a")
         self.open: list[Open] = []
         self.done: list[Done] = []
@@ -190,7 +195,7 @@ class Writer:
             head, done = f.half + b"\n", [f.half_line]
             f.half = f.half_line = b""
         roll = self.rng.random()
-        n = self.rng.randint(1000, 3000) if roll < 0.01 else self.rng.randint(1, 25)
+        n = self.rng.randint(1000, 3000) if roll < BURST_SHARE else self.rng.randint(1, 25)
         lines = self.new_lines(f, n)
         data = head + b"".join(line + b"\n" for line in lines)
         mode = self.rng.random()
@@ -251,6 +256,7 @@ class Writer:
         assert lines == f.lines and (not data or data.endswith(b"\n")), f"the copy of {f.path} is not what was written"
         self.wrote(None, lines)
         self.retire(copy, "copy", Counter(lines), fid=f.fid)
+        self.removed(data)  # the original's lines leave the disk with the truncation
         os.ftruncate(f.fd, 0)
         old = f.fid
         f.fid, f.seq, f.lines, f.frozen_at = self.fid(), 0, [], None
@@ -261,7 +267,8 @@ class Writer:
         self.next_name += 1
         path = self.logs / f"old-{self.next_name:04d}.log.gz"
         fid = self.fid()
-        n = self.rng.randint(1, 2000)
+        # some bigger than a chunk (64 KiB compressed): a compressed file is read whole, in one piece
+        n = self.rng.randint(5000, 10000) if self.rng.random() < BIG_GZ_SHARE else self.rng.randint(1, 2000)
         lines = [self.line(fid, seq) for seq in range(1, n + 1)]
         packed = gzip.compress(b"".join(line + b"\n" for line in lines), mtime=0)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -298,13 +305,16 @@ class Writer:
             if self.shipped(d.lines):
                 self.delete(d)
 
+    def removed(self, data: bytes) -> None:
+        self.removed_log.write(data)
+        self.removed_log.flush()
+
     def delete(self, d: Done) -> None:
         data = d.path.read_bytes()
         if d.kind == "gz":
             data = gzip.decompress(data)
         assert Counter(data.splitlines()) == d.lines, f"{d.path} holds other lines than were written"
-        self.deleted_log.write(data)
-        self.deleted_log.flush()
+        self.removed(data)
         os.unlink(d.path)
         self.done.remove(d)
         self.counts["deleted"] += 1
@@ -358,7 +368,7 @@ class Writer:
             self.event("left_open", path=f.path, fid=f.fid, lines=len(f.lines))
         self.counts["open_at_end"] = len(self.open)
         self.counts["kept_at_end"] = len(list(self.logs.iterdir()))
-        for log in (self.written_log, self.deleted_log, self.events):
+        for log in (self.written_log, self.removed_log, self.events):
             log.flush()
             os.fsync(log.fileno())
             log.close()
