@@ -89,6 +89,8 @@ class StreamOwner(Owner):
         self.spool_dir = spool_dir if settings.get("push") else None
         self.inputs = [*self.spec.inputs, *([self.spool_dir] if self.spool_dir else [])]
         self.registry = Registry()
+        self.active: set[int] = set()                # serials of files not at rest (_after_commit)
+        self.scans = 0
         self.generations: dict[int, int] = {}        # serial -> generation (bumped by a rewind)
         self.waiting: dict[int, dict[int, int]] = {}  # serial -> {start: end} done past a gap
         self.chunks: dict[int, StreamChunk] = {}     # chunk id -> out
@@ -227,14 +229,17 @@ class StreamOwner(Owner):
 
     # -- scanning: what files are there, and which of them changed --
     def _scan(self) -> None:
+        """One pass over the inputs' names, each file handled as it is found (nothing per file is
+        held for the pass: a million files cost no map of a million stats); entries the pass did
+        not find are looked at after it."""
         wall = time.time()
-        found: dict[tuple[int, int], tuple[str, os.stat_result]] = {}
-        for path, st in scanner.iter_stream_files(self.inputs):
-            found.setdefault((st.st_dev, st.st_ino), (path, st))
-        seen: set[int] = set()
+        self.scans += 1
+        scan = self.scans
         busy = self._busy_shards()
-        for key, (path, st) in found.items():
-            entry = self.registry.by_inode.get(key)
+        for path, st in scanner.iter_stream_files(self.inputs):
+            entry = self.registry.by_inode.get((st.st_dev, st.st_ino))
+            if entry is not None and entry.last_scan == scan:
+                continue  # the same file under a second name: the first name found stands
             if entry is None:
                 if st.st_mtime < wall - self.forget_after_s or not self._allowed(path):
                     continue  # older than the registry remembers: never (re-)read from its start
@@ -244,9 +249,9 @@ class StreamOwner(Owner):
             else:
                 entry = self._observe(entry, path, st, wall, busy)
             if entry is not None:
-                seen.add(entry.serial)
+                entry.last_scan = scan
         for entry in list(self.registry.by_serial.values()):
-            if entry.serial not in seen:
+            if entry.last_scan != scan:
                 self._unseen(entry)
             elif (entry.in_flight == 0 and not self._unread(entry) and wall - entry.seen > self.forget_after_s
                   and self.registry.may_touch(entry, busy)):
@@ -276,12 +281,15 @@ class StreamOwner(Owner):
                                   committed=0, seen=int(wall), encoding=scanner.encoding_of(path))
         entry.path, entry.size, entry.mtime_ns = path, now.st_size, now.st_mtime_ns
         entry.behind_since = entry.stable_since = time.monotonic()
+        self.active.add(entry.serial)
         self._hold(entry, fd)
         return entry
 
     def _observe(self, entry: Tracked, path: str, st: os.stat_result, wall: float, busy: set[int]) -> Tracked | None:
         """A known identity seen under `path`: has it changed, and is it still the same file?"""
-        entry.path, entry.missing = path, 0
+        if entry.path != path or entry.missing:
+            entry.path, entry.missing = path, 0
+            self.active.add(entry.serial)  # renamed (a push spool's file sealed?) or found again
         if st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns:
             return entry
         if st.st_size < entry.next_plan or not self._same_head(entry, path):
@@ -295,6 +303,7 @@ class StreamOwner(Owner):
             entry.behind_since = time.monotonic()  # caught up until now: lag counts from here
         entry.size, entry.mtime_ns, entry.seen = st.st_size, st.st_mtime_ns, int(wall)
         entry.stable_since = time.monotonic()
+        self.active.add(entry.serial)
         return entry
 
     def _same_head(self, entry: Tracked, path: str) -> bool:
@@ -323,6 +332,7 @@ class StreamOwner(Owner):
                 st = os.fstat(entry.fd)
                 if st.st_size != entry.size:
                     entry.size, entry.mtime_ns = st.st_size, st.st_mtime_ns
+                    self.active.add(entry.serial)
             except OSError:
                 pass
         if entry.missing < 2 or entry.in_flight:
@@ -358,6 +368,7 @@ class StreamOwner(Owner):
 
     def _forget(self, entry: Tracked) -> None:
         self._close(entry)
+        self.active.discard(entry.serial)
         self.registry.forget(entry)
         self.waiting.pop(entry.serial, None)
         self._problems.pop(entry.serial, None)
@@ -380,7 +391,8 @@ class StreamOwner(Owner):
         in_flight_bytes = sum(c.nbytes for c in self.chunks.values())
         bundle: list[tuple[Tracked, int, int, int, bytes]] = []
         bundle_bytes = 0
-        for entry in list(self.registry.by_serial.values()):
+        for serial in sorted(self.active):  # files at rest have nothing to plan
+            entry = self.registry.by_serial[serial]
             if len(self.chunks) + len(self.unsent) >= MAX_CHUNKS_IN_FLIGHT or in_flight_bytes >= MAX_BYTES_IN_FLIGHT:
                 break  # workers are behind: lag grows, memory does not
             if not self._unread(entry) or entry.retry_at > now or not self.registry.may_touch(entry, busy):
@@ -611,6 +623,7 @@ class StreamOwner(Owner):
 
     def _rewind(self, entry: Tracked, start: int) -> None:
         self.generations[entry.serial] = self.generations.get(entry.serial, 0) + 1
+        self.active.add(entry.serial)
         entry.wait_idle = entry.in_flight > 0
         entry.planned = max(entry.committed, min(entry.next_plan, start))
         waiting = self.waiting.get(entry.serial)
@@ -694,10 +707,11 @@ class StreamOwner(Owner):
     def _after_commit(self) -> None:
         """Files unchanged for CLOSE_INACTIVE_S need no handle (while active, one is held, so a
         file deleted before its last lines were read is still read to its end); a push spool's
-        sealed file fully committed is deleted."""
+        sealed file fully committed is deleted; files at rest leave the active set."""
         wall = time.time()
-        for entry in list(self.registry.by_serial.values()):
-            if entry.in_flight or self._unread(entry) or entry.committed < entry.size:
+        for serial in list(self.active):
+            entry = self.registry.by_serial[serial]
+            if entry.in_flight or self._unread(entry) or self._behind(entry) or serial in self.waiting:
                 continue
             if self.spool_dir and entry.path.endswith(SEALED) and entry.missing == 0 \
                     and os.path.dirname(entry.path) == os.path.abspath(self.spool_dir):
@@ -707,8 +721,16 @@ class StreamOwner(Owner):
                     self.log.warning("spool_file_not_removed", file=entry.path, error=exc.strerror)
                     continue
                 self._forget(entry)
-            elif entry.fd >= 0 and entry.missing == 0 and wall - entry.seen > CLOSE_INACTIVE_S:
+                continue
+            if entry.fd >= 0 and entry.missing == 0 and wall - entry.seen > CLOSE_INACTIVE_S:
                 self._close(entry)
+            if entry.fd < 0:
+                self.active.discard(serial)
+
+    @staticmethod
+    def _behind(entry: Tracked) -> int:
+        """Bytes of the file not processed yet (a compressed file processed whole: none)."""
+        return 0 if entry.flags & DONE else max(0, entry.size - entry.committed)
 
     def _progress_doc(self, totals: dict) -> dict:
         now = time.monotonic()
@@ -717,8 +739,9 @@ class StreamOwner(Owner):
             rate = (totals["records_in"] - records) / (now - at)
             self._rate = (now, totals["records_in"], rate)
         lag_bytes, oldest = 0, now
-        for entry in self.registry.by_serial.values():
-            behind = 0 if entry.flags & DONE else max(0, entry.size - entry.committed)
+        for serial in self.active:  # a file at rest is not behind
+            entry = self.registry.by_serial[serial]
+            behind = self._behind(entry)
             if behind:
                 lag_bytes += behind
                 if entry.behind_since:

@@ -8,8 +8,8 @@ new serial and is read from its start. Parts are named by (serial, offset), so n
 reused with another meaning.
 
 In the store the registry is cut into shards of SHARD_SPAN consecutive serials
-(`{p}registry/JOB/SHARD`): at most SHARD_SPAN entries of at most ~130 bytes each (64-bit device and inode), so no value
-grows past ~52 KiB whatever the number of files; a commit writes only the shards it changed, in the
+(`{p}registry/JOB/SHARD`): at most SHARD_SPAN entries of at most ~155 bytes each (64-bit device, inode and
+mtime), so no value grows past ~55 KiB whatever the number of files; a commit writes only the shards it changed, in the
 same fenced txn as the parts it makes visible (mesh.stream.owner). Entries of files gone or idle
 past `forget_after_s` are dropped: the registry is bounded by the files that exist.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import orjson
 from dataclasses import dataclass
 
-SHARD_SPAN = 400
+SHARD_SPAN = 360
 #: The most shards one commit may change (each at most ~52 KiB: one txn stays far below etcd's 1.5 MiB).
 MAX_SHARDS_PER_COMMIT = 16
 
@@ -29,8 +29,9 @@ SKIP = 2   # inside a line longer than the record limit: bytes up to the next ne
 
 @dataclass(slots=True, eq=False)
 class Tracked:
-    """One file identity. `committed`, `fp`, `fp_len`, `flags` and `seen` are what the store
-    keeps; the rest is this owner's view of the file now."""
+    """One file identity. `committed`, `fp`, `fp_len`, `flags`, `seen` and `mtime_ns` are what
+    the store keeps (with the mtime, a resumed owner knows a file unchanged since without reading
+    its first bytes again); the rest is this owner's view of the file now."""
     serial: int
     dev: int
     ino: int
@@ -54,6 +55,7 @@ class Tracked:
     failures: int = 0
     stable_since: float = 0.0  # monotonic: when its size or mtime last changed (compressed files wait)
     wait_idle: bool = False    # rewound while chunks were out: planned again once none is
+    last_scan: int = 0         # the owner's scan number that last found it under an input name
 
     @property
     def shard(self) -> int:
@@ -64,7 +66,7 @@ class Tracked:
         return max(self.committed, self.planned)  # a skip or a notice may move `committed` past it
 
     def to_doc(self) -> list:
-        return [self.dev, self.ino, self.fp, self.fp_len, self.committed, self.flags, self.seen]
+        return [self.dev, self.ino, self.fp, self.fp_len, self.committed, self.flags, self.seen, self.mtime_ns]
 
 
 def encode_shard(entries) -> bytes | None:
@@ -75,9 +77,10 @@ def encode_shard(entries) -> bytes | None:
 
 def decode_shard(value: bytes) -> list[Tracked]:
     out = []
-    for serial, (dev, ino, fp, fp_len, committed, flags, seen) in orjson.loads(value).items():
+    for serial, (dev, ino, fp, fp_len, committed, flags, seen, mtime_ns) in orjson.loads(value).items():
+        # as last committed: a file whose size is `committed` and mtime is `mtime_ns` is unchanged
         out.append(Tracked(serial=int(serial), dev=dev, ino=ino, fp=fp, fp_len=fp_len, committed=committed,
-                           flags=flags, seen=seen))
+                           flags=flags, seen=seen, size=committed, mtime_ns=mtime_ns))
     return out
 
 

@@ -8,8 +8,10 @@ from mesh.stream.registry import (DONE, MAX_SHARDS_PER_COMMIT, SHARD_SPAN, SKIP,
 
 def _worst(registry: Registry):
     """An entry as large as its fields can be: 64-bit device and inode, an offset of a petabyte."""
-    return registry.add(dev=2**64 - 1, ino=2**64 - 1, fp="f" * 32, fp_len=4096, committed=10**15,
-                        flags=DONE | SKIP, seen=2**33)
+    entry = registry.add(dev=2**64 - 1, ino=2**64 - 1, fp="f" * 32, fp_len=4096, committed=10**15,
+                         flags=DONE | SKIP, seen=2**33)
+    entry.mtime_ns = 2**63 - 1
+    return entry
 
 
 def test_a_full_shard_of_worst_case_entries_stays_under_64_kib():
