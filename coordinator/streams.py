@@ -27,9 +27,10 @@ from mesh.coordinator.jobs import JobSpec, JobStore, TERMINAL_STATES
 from mesh.coordinator.store import Delete, Put, absent, mod_is
 
 STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
-DEFAULTS = {"commit_interval_s": 1.0, "poll_interval_s": 0.2, "forget_after_s": 86400.0, "every_node": False,
-            "push": False}
-_LIMITS = {"commit_interval_s": (0.05, 3600.0), "poll_interval_s": (0.01, 60.0), "forget_after_s": (1.0, 10 * 365 * 86400.0)}
+DEFAULTS = {"commit_interval_s": 1.0, "poll_interval_s": 0.2, "forget_after_s": 86400.0, "close_inactive_s": 60.0,
+            "every_node": False, "push": False}
+_LIMITS = {"commit_interval_s": (0.05, 3600.0), "poll_interval_s": (0.01, 60.0), "forget_after_s": (1.0, 10 * 365 * 86400.0),
+           "close_inactive_s": (0.05, 86400.0)}
 STOPPED_REASON = "stopped by user"
 #: In an --every-node stream's inputs, replaced by each node's id (hosts sharing one file system).
 NODE_PLACEHOLDER = "{node}"

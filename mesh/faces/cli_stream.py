@@ -2,7 +2,7 @@
 
     meshctl stream start NAME [INPUT...] --task TASK [--param K=V]... --out OUT
                          [--every-node] [--push] [--commit-interval S] [--poll-interval S]
-                         [--forget-after S] [--chunk-size SIZE]
+                         [--forget-after S] [--close-inactive S] [--chunk-size SIZE]
     meshctl stream list [--json]
     meshctl stream status NAME [--json]
     meshctl stream stop NAME [--wait S]
@@ -50,7 +50,7 @@ def cmd_stream_start(args) -> int:
         stream = client.start_stream(
             args.name, args.inputs, args.task, dict(args.param), out=args.out, every_node=args.every_node,
             push=args.push, commit_interval_s=args.commit_interval, poll_interval_s=args.poll_interval,
-            forget_after_s=args.forget_after, chunk_size=args.chunk_size)
+            forget_after_s=args.forget_after, close_inactive_s=args.close_inactive, chunk_size=args.chunk_size)
         status = stream.status()
     if args.json:
         _print_json({"stream": stream.name, "state": status["state"], "every_node": status["every_node"],
@@ -113,6 +113,9 @@ def add_stream_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="how often the inputs are looked at for new files and lines (default 0.2)")
     p.add_argument("--forget-after", type=_seconds, default=None, metavar="SECONDS",
                    help="a file idle longer is forgotten, and an older one never picked up (default 86400)")
+    p.add_argument("--close-inactive", type=_seconds, default=None, metavar="SECONDS",
+                   help="a file read to its end and unchanged this long is no longer held open (default 60); "
+                        "deleted later, its lines written after that are not read")
     p.set_defaults(func=cmd_stream_start)
 
     p = commands.add_parser("list", parents=[common], help="every stream: state, owners, files, lag, records/s")

@@ -286,7 +286,7 @@ class Client:
     def start_stream(self, name: str, inputs: Sequence[str] | str, task: str, params: dict | None = None, *,
                      out: str, every_node: bool = False, push: bool = False, commit_interval_s: float | None = None,
                      poll_interval_s: float | None = None, forget_after_s: float | None = None,
-                     chunk_size: int | None = None) -> Stream:
+                     close_inactive_s: float | None = None, chunk_size: int | None = None) -> Stream:
         """Start the stream `name` over `inputs` (files, directories, globs; none needed with
         `push`, which implies `every_node`). Settings left None take the stream defaults.
         StreamExists when the name is taken; InvalidSpec / PathNotAllowed like `submit`."""
@@ -297,7 +297,7 @@ class Client:
         spec = replace(self.make_spec(inputs, task, params, out=out, chunk_size=chunk_size, config=config),
                        stream=stream_settings(name, every_node=every_node, push=push,
                                               commit_interval_s=commit_interval_s, poll_interval_s=poll_interval_s,
-                                              forget_after_s=forget_after_s))
+                                              forget_after_s=forget_after_s, close_inactive_s=close_inactive_s))
         check_job_paths(spec.validate(), config.input_roots, config.output_roots)
         check_output_free(spec.out)
         return Stream(self.stream_store, self.stream_store.start(spec))

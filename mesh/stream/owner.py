@@ -39,7 +39,7 @@ from mesh.job.paths import check_job_paths, inside_roots
 from mesh.job.sink import WRITABLE_KINDS, dead_letter_lines
 from mesh.stream import scanner
 from mesh.stream.output import StreamOutput, hour_folder
-from mesh.stream.registry import DONE, SKIP, Registry, Tracked, decode_shard
+from mesh.stream.registry import DONE, SHARD_SPAN, SKIP, Registry, Tracked
 from mesh.tasks import resolve_task
 from mesh.transport import protocol
 from mesh.transport.chunks import MAX_RECORD_BYTES, FileRead, Where, encode_descriptor
@@ -50,7 +50,6 @@ MAX_CHUNKS_IN_FLIGHT = 64
 MAX_BYTES_IN_FLIGHT = 256 << 20
 MAX_READS_PER_CHUNK = 256
 MAX_HELD_FILES = 256
-CLOSE_INACTIVE_S = 60.0      # a file unchanged this long is no longer held open (Filebeat's close_inactive)
 MAX_AWAITING = 4096          # chunks done but not committed: commit early past this
 STOP_TIMEOUT_S = 30.0        # a stop waits this long for the chunks out, then commits what is done
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
@@ -86,6 +85,8 @@ class StreamOwner(Owner):
         self.commit_interval_s = float(settings.get("commit_interval_s", 1.0))
         self.poll_interval_s = float(settings.get("poll_interval_s", 0.2))
         self.forget_after_s = float(settings.get("forget_after_s", 86400.0))
+        # a file read to its end and unchanged this long is no longer held open (Filebeat's close_inactive)
+        self.close_inactive_s = float(settings.get("close_inactive_s", 60.0))
         self.spool_dir = spool_dir if settings.get("push") else None
         self.inputs = [*self.spec.inputs, *([self.spool_dir] if self.spool_dir else [])]
         self.registry = Registry()
@@ -166,7 +167,7 @@ class StreamOwner(Owner):
         low, high = committed.get("shards", [0, 0])
         self.registry = Registry(int(committed.get("next_serial", 0)))
         for value in self.jobs.get_registry(self.job_id, range(low, high)).values():
-            self.registry.load(decode_shard(value))
+            self.registry.load_shard(value)
         progress = self.jobs.get_progress(self.job_id) or {}
         for name in COUNTERS:
             self.totals[name] = int(progress.get(name, 0) or 0)
@@ -236,8 +237,18 @@ class StreamOwner(Owner):
         self.scans += 1
         scan = self.scans
         busy = self._busy_shards()
+        cold = self.registry.cold
         for path, st in scanner.iter_stream_files(self.inputs):
             entry = self.registry.by_inode.get((st.st_dev, st.st_ino))
+            if entry is None:
+                row = cold.find(st.st_dev, st.st_ino)
+                if row >= 0:
+                    if cold.last_scan[row] == scan:
+                        continue  # the same file under a second name
+                    if st.st_size == cold.committed[row] and st.st_mtime_ns == cold.mtime_ns[row]:
+                        cold.last_scan[row] = scan
+                        continue  # at rest, unchanged
+                    entry = self.registry.thaw(row, path, scanner.encoding_of(path))
             if entry is not None and entry.last_scan == scan:
                 continue  # the same file under a second name: the first name found stands
             if entry is None:
@@ -250,12 +261,18 @@ class StreamOwner(Owner):
                 entry = self._observe(entry, path, st, wall, busy)
             if entry is not None:
                 entry.last_scan = scan
+        unseen, idle = cold.stale_rows(scan, int(wall - self.forget_after_s))
+        for row in idle:  # idle past forget_after_s: the scanner ignores it from now on
+            if self.registry.may_touch_shard(cold.serial[row] // SHARD_SPAN, busy):
+                self.registry.forget_cold(row)
+        for row in unseen:  # gone or renamed away: looked at as a live entry
+            self.registry.thaw(row, "", "none")
         for entry in list(self.registry.by_serial.values()):
             if entry.last_scan != scan:
                 self._unseen(entry)
             elif (entry.in_flight == 0 and not self._unread(entry) and wall - entry.seen > self.forget_after_s
                   and self.registry.may_touch(entry, busy)):
-                self._forget(entry)  # idle past forget_after_s: the scanner ignores it from now on
+                self._forget(entry)
 
     def _allowed(self, path: str) -> bool:
         return not self.input_roots or inside_roots(os.path.realpath(path), self.input_roots)
@@ -288,6 +305,8 @@ class StreamOwner(Owner):
     def _observe(self, entry: Tracked, path: str, st: os.stat_result, wall: float, busy: set[int]) -> Tracked | None:
         """A known identity seen under `path`: has it changed, and is it still the same file?"""
         if entry.path != path or entry.missing:
+            if not entry.path:  # an entry brought back to life from the registry while unseen
+                entry.encoding = scanner.encoding_of(path)
             entry.path, entry.missing = path, 0
             self.active.add(entry.serial)  # renamed (a push spool's file sealed?) or found again
         if st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns:
@@ -705,7 +724,7 @@ class StreamOwner(Owner):
     _last_progress = 0.0
 
     def _after_commit(self) -> None:
-        """Files unchanged for CLOSE_INACTIVE_S need no handle (while active, one is held, so a
+        """Files unchanged for close_inactive_s need no handle (while active, one is held, so a
         file deleted before its last lines were read is still read to its end); a push spool's
         sealed file fully committed is deleted; files at rest leave the active set."""
         wall = time.time()
@@ -713,8 +732,7 @@ class StreamOwner(Owner):
             entry = self.registry.by_serial[serial]
             if entry.in_flight or self._unread(entry) or self._behind(entry) or serial in self.waiting:
                 continue
-            if self.spool_dir and entry.path.endswith(SEALED) and entry.missing == 0 \
-                    and os.path.dirname(entry.path) == os.path.abspath(self.spool_dir):
+            if self._spooled(entry) and entry.path.endswith(SEALED) and entry.missing == 0:
                 try:
                     os.unlink(entry.path)
                 except OSError as exc:
@@ -722,10 +740,14 @@ class StreamOwner(Owner):
                     continue
                 self._forget(entry)
                 continue
-            if entry.fd >= 0 and entry.missing == 0 and wall - entry.seen > CLOSE_INACTIVE_S:
+            if entry.fd >= 0 and entry.missing == 0 and wall - entry.seen > self.close_inactive_s:
                 self._close(entry)
-            if entry.fd < 0:
-                self.active.discard(serial)
+            if entry.fd < 0 and entry.missing == 0 and not self._spooled(entry) and self.registry.freeze(entry):
+                self.active.discard(serial)  # at rest: packed until the scan sees it change
+
+    def _spooled(self, entry: Tracked) -> bool:
+        """A push spool's file (never packed: its seal is a rename the owner must see)."""
+        return bool(self.spool_dir) and os.path.dirname(entry.path) == os.path.abspath(self.spool_dir)
 
     @staticmethod
     def _behind(entry: Tracked) -> int:

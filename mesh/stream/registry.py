@@ -18,6 +18,8 @@ from __future__ import annotations
 import orjson
 from dataclasses import dataclass
 
+from mesh.stream.cold import ColdRows, packable
+
 SHARD_SPAN = 360
 #: The most shards one commit may change (each at most ~52 KiB: one txn stays far below etcd's 1.5 MiB).
 MAX_SHARDS_PER_COMMIT = 16
@@ -69,38 +71,59 @@ class Tracked:
         return [self.dev, self.ino, self.fp, self.fp_len, self.committed, self.flags, self.seen, self.mtime_ns]
 
 
-def encode_shard(entries) -> bytes | None:
-    """A shard's value (None: the shard is empty and its key is deleted)."""
-    doc = {str(e.serial): e.to_doc() for e in entries}
-    return orjson.dumps(doc) if doc else None
-
-
-def decode_shard(value: bytes) -> list[Tracked]:
-    out = []
-    for serial, (dev, ino, fp, fp_len, committed, flags, seen, mtime_ns) in orjson.loads(value).items():
-        # as last committed: a file whose size is `committed` and mtime is `mtime_ns` is unchanged
-        out.append(Tracked(serial=int(serial), dev=dev, ino=ino, fp=fp, fp_len=fp_len, committed=committed,
-                           flags=flags, seen=seen, size=committed, mtime_ns=mtime_ns))
-    return out
+def encode_shard(docs: dict[int, list]) -> bytes | None:
+    """A shard's value from its entries' docs by serial (None: the shard is empty and its key is
+    deleted)."""
+    return orjson.dumps({str(serial): docs[serial] for serial in sorted(docs)}) if docs else None
 
 
 class Registry:
-    """The owner's in-memory registry: by serial, by (device, inode), by shard; dirty shards."""
+    """The owner's in-memory registry. Live entries (`Tracked`: files with something going on,
+    or just changed) by serial, by (device, inode) and by shard; entries of files at rest packed
+    in `cold` (mesh.stream.cold), ~100 bytes each. `freeze` and `thaw` move an entry between
+    the two; neither changes what the store holds. Dirty shards are written by the next commit."""
 
     def __init__(self, next_serial: int = 0):
         self.next_serial = next_serial
         self.by_serial: dict[int, Tracked] = {}
         self.by_inode: dict[tuple[int, int], Tracked] = {}
-        self.shards: dict[int, set[int]] = {}
+        self.shards: dict[int, set[int]] = {}  # live entries only
+        self.cold = ColdRows(SHARD_SPAN)
         self.dirty: set[int] = set()
 
     def __len__(self) -> int:
-        return len(self.by_serial)
+        return len(self.by_serial) + len(self.cold)
 
-    def load(self, entries) -> None:
-        for entry in entries:
-            self._index(entry)
-            self.next_serial = max(self.next_serial, entry.serial + 1)
+    def load_shard(self, value: bytes) -> None:
+        """A shard as committed: its entries at rest (a resumed owner's first scan brings back to
+        life those whose file changed since)."""
+        for serial, doc in orjson.loads(value).items():  # in ascending serials: a newer identity of an
+            # inode (a file replaced, its old entry not forgotten yet) comes last and stays live, so the
+            # scan finds it first
+            dev, ino, fp, fp_len, committed, flags, seen, mtime_ns = doc
+            serial = int(serial)
+            self.next_serial = max(self.next_serial, serial + 1)
+            if packable(fp, fp_len, flags) and self.cold.find(dev, ino) < 0 and (dev, ino) not in self.by_inode:
+                self.cold.add(serial, dev, ino, fp, fp_len, committed, flags, seen, mtime_ns, 0)
+            else:
+                self._index(Tracked(serial=serial, dev=dev, ino=ino, fp=fp, fp_len=fp_len, committed=committed,
+                                    flags=flags, seen=seen, size=committed, mtime_ns=mtime_ns))
+
+    def freeze(self, entry: Tracked) -> bool:
+        """Pack an entry at rest (False: it cannot be packed, and stays live)."""
+        if not packable(entry.fp, entry.fp_len, entry.flags) or self.cold.find(entry.dev, entry.ino) >= 0:
+            return False
+        self._unindex(entry)
+        self.cold.add(entry.serial, entry.dev, entry.ino, entry.fp, entry.fp_len, entry.committed, entry.flags,
+                      entry.seen, entry.mtime_ns, entry.last_scan)
+        return True
+
+    def thaw(self, row: int, path: str, encoding: str) -> Tracked:
+        """A packed entry live again, as last committed (size = committed), under `path`."""
+        fields = self.cold.remove(row)
+        entry = Tracked(**fields, size=fields["committed"], path=path, encoding=encoding)
+        self._index(entry)
+        return entry
 
     def _index(self, entry: Tracked) -> None:
         self.by_serial[entry.serial] = entry
@@ -116,7 +139,7 @@ class Registry:
         self.dirty.add(entry.shard)
         return entry
 
-    def forget(self, entry: Tracked) -> None:
+    def _unindex(self, entry: Tracked) -> None:
         self.by_serial.pop(entry.serial, None)
         if self.by_inode.get((entry.dev, entry.ino)) is entry:
             del self.by_inode[(entry.dev, entry.ino)]
@@ -125,30 +148,42 @@ class Registry:
             members.discard(entry.serial)
             if not members:
                 del self.shards[entry.shard]
+
+    def forget(self, entry: Tracked) -> None:
+        self._unindex(entry)
         self.dirty.add(entry.shard)
+
+    def forget_cold(self, row: int) -> None:
+        serial = self.cold.remove(row)["serial"]
+        self.dirty.add(serial // SHARD_SPAN)
 
     def touch(self, entry: Tracked) -> None:
         self.dirty.add(entry.shard)
 
     def may_touch(self, entry: Tracked, busy: set[int]) -> bool:
         """May a change to `entry` join the next commit (at most MAX_SHARDS_PER_COMMIT shards)?"""
-        return entry.shard in self.dirty or entry.shard in busy or len(self.dirty | busy) < MAX_SHARDS_PER_COMMIT
+        return self.may_touch_shard(entry.shard, busy)
+
+    def may_touch_shard(self, shard: int, busy: set[int]) -> bool:
+        return shard in self.dirty or shard in busy or len(self.dirty | busy) < MAX_SHARDS_PER_COMMIT
 
     def may_add(self, busy: set[int]) -> bool:
         """May a new file join the next commit (its shard counted like `may_touch`)?"""
-        shard = self.next_serial // SHARD_SPAN
-        return shard in self.dirty or shard in busy or len(self.dirty | busy) < MAX_SHARDS_PER_COMMIT
+        return self.may_touch_shard(self.next_serial // SHARD_SPAN, busy)
 
     def take_dirty(self) -> dict[int, bytes | None]:
         """The changed shards' values, and clear the marks (the caller commits them)."""
         out = {}
         for shard in sorted(self.dirty):
-            out[shard] = encode_shard(self.by_serial[s] for s in sorted(self.shards.get(shard, ())))
+            docs = {s: self.by_serial[s].to_doc() for s in self.shards.get(shard, ())}
+            docs.update((self.cold.serial[row], self.cold.doc(row)) for row in self.cold.rows_of_shard(shard))
+            out[shard] = encode_shard(docs)
         self.dirty = set()
         return out
 
     def shard_range(self) -> list[int]:
         """[first, end) of the shard numbers that may hold entries (read back on a resume)."""
-        if not self.shards:
+        shards = self.shards.keys() | self.cold.by_shard.keys()
+        if not shards:
             return [0, 0]
-        return [min(self.shards), max(self.shards) + 1]
+        return [min(shards), max(shards) + 1]

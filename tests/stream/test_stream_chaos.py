@@ -281,7 +281,8 @@ def test_a_stream_under_chaos_commits_every_complete_line_exactly_once(tmp_path)
         try:
             configure(cluster, poison_after_deaths=POISON_AFTER_DEATHS)
             cluster.start_nodes(NODES, lease_ttl_s=LEASE_TTL_S, timeout_s=START_TIMEOUT_S)
-            start_stream(cluster.client, STREAM, [logs], out, commit_interval_s=0.5, poll_interval_s=0.1)
+            start_stream(cluster.client, STREAM, [logs], out, commit_interval_s=0.5, poll_interval_s=0.1,
+                         close_inactive_s=1.0)  # files at rest are packed (and thawed) all the time
             chaos = StreamChaos(SEED, cluster, etcd)
             chaos.note(f"writer for {DURATION_S:.0f}s, seed {SEED}")
             writer = start_writer(tmp_path, logs, out, journal, SEED)
