@@ -38,6 +38,19 @@ class Cluster:
         self.daemons[node_id] = proc
         return proc
 
+    def allow_task_modules_live(self, *modules: str, timeout_s: float = 60) -> int:
+        """Allow `modules` in the cluster config while the daemons run (a changed allowlist, not
+        the one they started with) and wait until every running daemon reports that config
+        version in its node record: its workers, and any it restarts later, run under it."""
+        version = self.client.allow_task_modules(*modules, comment="tests: allowed while the daemons run")
+        running = {node for node, proc in self.daemons.items() if proc.poll() is None}
+
+        def applied() -> bool:
+            versions = {n["id"]: n.get("config_version") or 0 for n in self.client.nodes()}
+            return all(versions.get(node, 0) >= version for node in running)
+        self.wait_for(applied, timeout_s, f"every running daemon on config version {version}")
+        return version
+
     def start_nodes(self, nodes, *, lease_ttl_s: float, timeout_s: float = 60) -> None:
         """Start a meshd per node id and wait until the registry lists exactly them."""
         for node in nodes:

@@ -236,17 +236,24 @@ def assert_good_secret_file(path: Path) -> None:
     assert keys.public.decode() in (path.parent / "n1.key").read_text()
 
 
-@pytest.mark.parametrize("planted", [".n1.key_secret.tmp", ".n1.key.tmp"])
-def test_keys_generate_never_writes_through_a_symlink_at_its_temp_path(tmp_path, planted):
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("planted", ["n1.key_secret", "n1.key"])
+def test_keys_generate_never_writes_through_a_symlink_at_its_temp_path(tmp_path, planted, monkeypatch):
+    """The temp name's random part is made predictable, so that the planted link IS the temp path
+    the key file is written through (an attacker who guessed it): the generation is refused, and
+    nothing is written through the link. Opened with O_CREAT|O_TRUNC it would be."""
+    from mesh.errors import KeyFileError
+    from mesh.node import security
+
     keys, outside = tmp_path / "keys", tmp_path / "outside.txt"
     keys.mkdir()
     outside.write_bytes(b"precious\n")
-    (keys / planted).symlink_to(outside)
-    done = meshctl_keys_generate(keys)
+    monkeypatch.setattr(security.secrets, "token_hex", lambda nbytes=None: "guessed")
+    (keys / f".{planted}.guessed.tmp").symlink_to(outside)
+    with pytest.raises(KeyFileError, match="cannot create"):
+        security.generate_keypair(keys, "n1")
     assert outside.read_bytes() == b"precious\n"
-    assert done.returncode == 0, done.stderr
-    assert_good_secret_file(keys / "n1.key_secret")
-    assert stat.S_ISREG(os.lstat(keys / "n1.key").st_mode)
+    assert os.path.islink(keys / f".{planted}.guessed.tmp")  # left alone, never opened
 
 
 @pytest.mark.parametrize("target_exists", [True, False])

@@ -15,10 +15,19 @@ Layout::
 
 Visible = committed (DESIGN.md, "The commit protocol"). A visible part appears only by renaming a
 pending file after the fenced store commit that lists it; a new owner repeats the renames of the
-last commit (idempotent) and deletes every older epoch's pending directory, so an owner that lost
+last commit (idempotent) and retires every older epoch's pending directory, so an owner that lost
 its lease (and does not know it yet) can write only into a directory nobody will ever read, and
-can never recreate it. Nothing removes a visible part except a replay's rewind, applied by the
-replay's owner after the rewind was committed.
+can never recreate it. The same holds for the result and summary: they are pending files too,
+made visible by the fenced commit that lists them.
+
+The pending directory is also the fence on the file system. A new owner creates its own first,
+then retires (renames away, then deletes) every older one; an owner checks for a newer epoch only
+after creating its own. So once a newer owner has changed anything visible, the older epoch's
+directory is gone for good, and every visible change an owner makes goes through it: a file
+appears by a rename out of it, and leaves view (a replay's rewind) by a rename into it. A rename
+is atomic: an owner that lost the job without knowing it can neither make a file appear nor
+remove one, whenever it wakes up (`NotOwner`). Nothing removes a visible part except a replay's
+rewind, applied by the replay's owner after the rewind was committed.
 """
 from __future__ import annotations
 
@@ -32,13 +41,16 @@ from typing import Callable, Iterable, Iterator, Sequence
 import orjson
 
 from mesh.codecs.compression import get_codec
-from mesh.errors import OutputError
+from mesh.errors import NotOwner, OutputError
 from mesh.job.plan import PLAN, FrozenPlan, write_plan
 from mesh.job.source import InputFile
 
 SUMMARY = "_summary.json"
 RESULT = "_result.json"
 PENDING = ".pending"
+FINAL_NAMES = (RESULT, SUMMARY)  # written once done, pending first like parts (`publish`)
+_RETIRED = ".retired-"  # OUT/.pending/.retired-eEPOCH-XXXX: an older epoch's directory being deleted
+_LEAVING = ".leaving+"  # OUT/.pending/eEPOCH/.leaving+NAME: a visible file a rewind is removing
 _PART = re.compile(r"^(part|dead|unreadable)-(\d{8,15})-(\d{15})\.(zst|json|jsonl)$")
 _EPOCH_DIR = re.compile(r"e(\d+)")          # OUT/.pending/eEPOCH
 _TEMP = re.compile(r"^\.tmp\+(.+?)\+e(\d+)\+")  # a temp file of (job, epoch)'s owner (_temp_name)
@@ -187,21 +199,28 @@ class OutputDir:
         every OLDER epoch. A newer epoch's are never touched: an owner that lost the job may
         reach this point after its successor started (it learns it lost at its first fenced
         write). Returns the names that older epochs had pending but never committed (work done
-        again now: `chunks_redone`)."""
+        again now: `chunks_redone`).
+
+        Our own directory is created BEFORE the older ones are listed (see the module docstring):
+        an older owner that creates its directory after our listing finds ours in its
+        `newer_epoch_started` check; one that created it before sees it retired."""
         self.finalise(committed.get("finalise") or {})
-        leftover: set[str] = set()
-        for epoch, folder in self._pending_dirs():
-            if epoch < self.epoch:
-                leftover.update(n for n in _names(folder) if key_of(n))
-                shutil.rmtree(folder, ignore_errors=True)
-        for entry in os.scandir(self.path):
-            m = _TEMP.match(entry.name)
-            if m and m.group(1) == self.job_id and int(m.group(2)) < self.epoch:
-                _unlink(Path(entry.path))
         try:
             self.pending.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(str(self.path), f"cannot create {self.pending}: {exc.strerror}") from exc
+        leftover: set[str] = set()
+        for epoch, folder in self._pending_dirs():
+            if epoch < self.epoch:
+                leftover.update(n for n in _names(folder) if key_of(n))
+                _retire(Path(folder))
+        for entry in os.scandir(self.path / PENDING):
+            if entry.name.startswith(_RETIRED):  # what an earlier retirement could not delete
+                shutil.rmtree(entry.path, ignore_errors=True)
+        for entry in os.scandir(self.path):
+            m = _TEMP.match(entry.name)
+            if m and m.group(1) == self.job_id and int(m.group(2)) < self.epoch:
+                _unlink(Path(entry.path))
         return leftover
 
     def newer_epoch_started(self) -> bool:
@@ -240,7 +259,7 @@ class OutputDir:
             return
         source = self.path / PENDING / f"e{int(record['epoch'])}"
         for name in names:
-            if key_of(name) is None:  # a commit record names only part files
+            if key_of(name) is None and name not in FINAL_NAMES:  # parts, result and summary only
                 raise OutputError(str(self.path), f"commit record lists {name!r}, which is no part name")
             try:
                 os.replace(source / name, self.path / name)
@@ -252,23 +271,65 @@ class OutputDir:
 
     def rewind(self, key: Sequence[int]) -> set[str]:
         """A replay from `key` (file index, offset): remove every visible part, partial and
-        dead letter at or after it, and the result and summary. Return the names removed."""
+        dead letter at or after it, and the result and summary. Return the names removed.
+
+        Fenced: each file leaves view by a rename into this epoch's pending directory, which a
+        newer owner retires before it changes anything visible. An owner that lost the job
+        (however late it wakes up) gets NotOwner and has removed nothing a newer epoch made
+        visible."""
         start = tuple(key)
         removed = set()
         for entry in os.scandir(self.path):
             k = key_of(entry.name)
-            if k is not None and k >= start and _unlink(Path(entry.path)):
+            if k is not None and k >= start and self._leave_view(entry.name):
                 removed.add(entry.name)
-        for name in (RESULT, SUMMARY):
-            _unlink(self.path / name)
+        for name in FINAL_NAMES:
+            self._leave_view(name)
         fsync_dir(self.path)
         return removed
 
-    def write(self, name: str, data: bytes | memoryview) -> None:
-        """A final file of the job (`_result.json`, `_summary.json`), written after the fenced
-        final commit."""
-        _write_file(self.path / name, data, what=name, out=self.path, temp=_temp_name(self.job_id, self.epoch, name))
-        fsync_dir(self.path)
+    def _leave_view(self, name: str) -> bool:
+        """Take the visible file `name` out of view through this epoch's pending directory (the
+        fence), then delete it. False when it is not there; NotOwner when our directory is gone."""
+        leaving = self.pending / f"{_LEAVING}{name}"
+        try:
+            os.rename(self.path / name, leaving)
+        except FileNotFoundError:
+            if not self.pending.is_dir():  # retired by a newer owner: it is never created again
+                raise NotOwner(self.job_id, self.epoch) from None
+            return False
+        except OSError as exc:
+            raise OutputError(str(self.path), f"cannot remove {name} from {self.path}: {exc.strerror}") from exc
+        _unlink(leaving)
+        return True
+
+    def publish(self, files: dict[str, bytes]) -> list[str]:
+        """Write the job's final files (`_result.json`, `_summary.json`) as pending files of this
+        epoch; return their names, for the fenced commit that makes them visible (`finalise`).
+        NotOwner when a newer owner has retired this epoch's directory."""
+        for name, data in files.items():
+            if name not in FINAL_NAMES:
+                raise ValueError(f"publish writes only {', '.join(FINAL_NAMES)} (got {name!r})")
+            try:
+                self.write_pending(name, data)
+            except OutputError:
+                if not self.pending.is_dir():
+                    raise NotOwner(self.job_id, self.epoch) from None
+                raise
+        return list(files)
+
+
+def _retire(folder: Path) -> None:
+    """Retire an older epoch's pending directory: rename it away (atomic: from now on nothing can
+    be written into it, renamed out of it or renamed into it by its owner), then delete it."""
+    retired = folder.parent / f"{_RETIRED}{folder.name}-{secrets.token_hex(6)}"
+    try:
+        os.rename(folder, retired)
+    except FileNotFoundError:
+        return  # another owner retired it first
+    except OSError as exc:
+        raise OutputError(str(folder.parent.parent), f"cannot retire {folder}: {exc.strerror}") from exc
+    shutil.rmtree(retired, ignore_errors=True)  # the rest goes at the next start_epoch
 
 
 def _names(path: str) -> list[str]:

@@ -195,7 +195,7 @@ class Owner:
         if committed.get("rewind") is not None:  # a replay: nothing at or after its start stays visible
             if self.out.newer_epoch_started():  # a late owner: the rewind is its successor's to apply
                 raise NotOwner(self.job_id, self.epoch)
-            removed = self.out.rewind(committed["rewind"])
+            removed = self.out.rewind(committed["rewind"])  # fenced: NotOwner once a newer owner started
             self.redone_names |= removed  # replayed on purpose: work done again
             committed = {k: v for k, v in committed.items() if k not in ("rewind", "finalise")}
             self.jobs.commit(self.job_id, self.epoch, offsets=committed)  # fenced: applied once
@@ -451,7 +451,9 @@ class Owner:
 
     def _finish(self, state: str, reason: str) -> None:
         """End the job. For `done`, first a fenced commit: a zombie owner (its lease expired while
-        it was stopped) learns here that it lost the job, before it writes any final file."""
+        it was stopped) learns here that it lost the job, before it writes any final file. The
+        result and summary are then pending files that a second fenced commit makes visible: an
+        owner that loses the job in between (however late it wakes up) never overwrites them."""
         self.stop_source.set()
         summary = self._progress()
         summary["state"] = state
@@ -460,11 +462,14 @@ class Owner:
             summary["task_source_hash"] = getattr(self.task, "source_hash", "")
         if state == "done":
             self._until_stored(lambda: self.committer.commit(self._progress()), "final commit")
+            final = {}
             if self.task.is_reduce:
                 result = orjson.dumps(_sorted(merge_partials(self.out.path, self.task.combine)))
-                self.out.write(RESULT, result)
+                final[RESULT] = result
                 summary["result"] = orjson.loads(result)
-            self.out.write(SUMMARY, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+            final[SUMMARY] = orjson.dumps(summary, option=orjson.OPT_INDENT_2)
+            names = self.out.publish(final)
+            self._until_stored(lambda: self.committer.commit(self._progress(), final=names), "final files")
             if self.task.is_reduce and len(result) > MAX_RESULT_IN_STORE:  # the store keeps a digest
                 del summary["result"]
                 summary.update(result_reference(self.out.path, result))

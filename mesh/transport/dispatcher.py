@@ -129,12 +129,15 @@ class DispatcherStatistics:
     bad_frames: int
     stale_results: int
     dropped_chunks: int = 0
-    other_epoch_reports: int = 0  # results of an epoch that no longer owns its job (or of a removed job): dropped
+    other_epoch_reports: int = 0  # results and poison verdicts of an epoch that no longer owns its job (or of
+                                  # a removed job): dropped
     results: int = 0  # results accepted (chunks done here, for every job)
     undurable_results: int = 0  # delivered to owners that acknowledge durability, not yet acknowledged
     cut_off_links: int = 0  # links cut off because their pipe was full (the peer did not read)
     job_resends: int = 0  # job messages sent again on a worker's need_job
     shipped_bytes: int = 0  # raw input bytes this node shipped to other nodes' workers (source role)
+    peak_in_flight_chunks: int = 0  # the most in_flight_chunks ever held at once (after each round of sends)
+    peak_in_flight_bytes: int = 0  # the most in_flight_bytes ever held at once
 
 
 class Dispatcher:
@@ -173,6 +176,7 @@ class Dispatcher:
         self.retry: deque[Assignment] = deque()
         self.local_wait: deque[Assignment] = deque()  # chunks only our own workers can read (mesh.transport.chunks)
         self.peers: list[tuple[str, str | None]] = []  # (endpoint, CURVE public key)
+        self._allow: list | None = None  # the last allowlist change (set_task_modules), for workers joining later
         self.draining: frozenset[str] = frozenset()
         self._stats = DispatcherStatistics(0, 0, 0, 0, 0, 0, 0, 0)
         self.log = get_logger("mesh.transport.dispatcher").bind(node=node_id)
@@ -360,6 +364,7 @@ class Dispatcher:
                 modules, shared_roots = arg
                 message = protocol.control("allow", modules=None if modules is None else list(modules),
                                            shared_roots=list(shared_roots))
+                self._allow = message
                 for link in self.workers.values():
                     if link.node == self.node_id:
                         self._send_control(link.identity, message)
@@ -471,6 +476,8 @@ class Dispatcher:
             del self.set_aside[identity]  # the slot speaks for itself again
         self.workers[identity] = WorkerLink(identity=identity, credits=ready.credits, node=ready.node,
                                             slot=ready.slot, pid=ready.pid, window=ready.credits)
+        if ready.node == self.node_id and self._allow is not None:  # a worker spawned before the change
+            self._send_control(identity, self._allow)  # (before peers: it serves nobody under its old list)
         if ready.node == self.node_id and self.peers:
             self._send_peers(identity)
         self.log.debug("worker_joined", worker=identity, credits=ready.credits)
@@ -577,6 +584,8 @@ class Dispatcher:
             held[0].reason = reason or held[0].reason
         for assignment in reversed(held):
             if not self._current(assignment.header):  # its owner is gone: nobody waits for it
+                if assignment.blame >= self.max_blame:  # a poison verdict of another epoch: dropped
+                    self._stats.other_epoch_reports += 1
                 continue
             route = self.jobs[assignment.header.job_id]
             if assignment.blame >= self.max_blame:
@@ -699,6 +708,8 @@ class Dispatcher:
         s.free_credits = sum(l.credits for l in links)
         s.in_flight_chunks = sum(len(l.outstanding) for l in links)
         s.in_flight_bytes = sum(a.nbytes for l in links for a in l.outstanding.values())
+        s.peak_in_flight_chunks = max(s.peak_in_flight_chunks, s.in_flight_chunks)
+        s.peak_in_flight_bytes = max(s.peak_in_flight_bytes, s.in_flight_bytes)
         s.retry_queue = len(self.retry)
         s.undurable_results = sum(len(route.undurable) for route in self.jobs.values())
 

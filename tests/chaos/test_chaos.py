@@ -1,8 +1,9 @@
 """Chaos: kill or freeze anything at any time, and the job's output is exactly the fault-free output.
 
 Three meshd daemons on one etcd run a ~112 MB JSON-lines job (`sample_tasks:slow_jsonl`, a task
-of an allowlisted custom module: the real `jsonl` filter slowed by a fixed sleep per chunk so that
-the job lasts long enough to be hurt; `poison_after_deaths` raised, see chaos_faults.py). While it runs, a schedule drawn from the seed (see
+of a custom module allowed in the cluster config only once the daemons run, so that every worker
+restarted after a kill runs under a changed allowlist: the real `jsonl` filter slowed by a fixed
+sleep per chunk so that the job lasts long enough to be hurt; `poison_after_deaths` raised, see chaos_faults.py). While it runs, a schedule drawn from the seed (see
 chaos_faults.py for every kind) SIGKILLs worker processes (restarted ones too), SIGKILLs whole
 daemons (restarted under the same node id after a drawn delay; never all at once), SIGKILLs etcd
 once past the lease TTL, SIGSTOPs etcd once past the lease TTL (every lease is lost while the
@@ -69,11 +70,13 @@ def _start_cluster(root: Path) -> tuple[EtcdServer, Cluster]:
     etcd = EtcdServer(root / "etcd").start()
     cluster = None
     try:
-        cluster = Cluster(etcd, root)
+        cluster = Cluster(etcd, root, task_modules=())  # the daemons start with built-in tasks only
         configure(cluster, poison_after_deaths=POISON_AFTER_DEATHS, gzip_index_from=0)  # every .gz cut through its index
         for node in DAEMONS:
             cluster.start_daemon(node, workers=WORKERS_PER_DAEMON, lease_ttl_s=LEASE_TTL_S)
         cluster.wait_nodes(set(DAEMONS), timeout_s=START_TIMEOUT_S)
+        # allowed only now: every worker restarted after a kill must run under the changed allowlist
+        cluster.allow_task_modules_live("sample_tasks", timeout_s=START_TIMEOUT_S)
     except BaseException:
         if cluster is not None:
             cluster.stop()

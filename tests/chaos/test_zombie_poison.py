@@ -63,9 +63,18 @@ def poison_input(tmp_path_factory) -> Path:
 
 
 def _cluster(etcd: EtcdServer, root: Path) -> Cluster:
-    cluster = Cluster(etcd, root)
+    """The cluster config before any daemon starts: built-in tasks only (see `_start_n1`)."""
+    cluster = Cluster(etcd, root, task_modules=())
     configure(cluster, poison_after_deaths=POISON_ATTEMPTS)
     return cluster
+
+
+def _start_n1(cluster: Cluster) -> None:
+    """meshd n1, then the task's module allowed while it runs: the workers that the poison chunk
+    kills are restarted under that changed allowlist, not the one n1 started with."""
+    cluster.start_daemon("n1", workers=WORKERS, lease_ttl_s=LEASE_TTL_S)
+    cluster.wait_nodes({"n1"}, START_TIMEOUT_S)
+    cluster.allow_task_modules_live("sample_tasks", timeout_s=START_TIMEOUT_S)
 
 
 def _params(notes: Path) -> dict:
@@ -86,8 +95,7 @@ def poison_reference(tmp_path_factory, poison_input) -> dict:
     with EtcdServer(root / "etcd") as etcd:
         cluster = _cluster(etcd, root)
         try:
-            cluster.start_daemon("n1", workers=WORKERS, lease_ttl_s=LEASE_TTL_S)
-            cluster.wait_nodes({"n1"}, START_TIMEOUT_S)
+            _start_n1(cluster)
             job = _submit(cluster, poison_input, root / "out", root / "notes")
             status = job.wait(timeout_s=JOB_TIMEOUT_S)
             assert status["state"] == "done", (status, cluster.log("n1")[-3000:])
@@ -134,8 +142,7 @@ def test_a_zombie_owner_whose_chunk_turns_poison_while_frozen_changes_nothing(ch
     cluster = meshd = None
     try:
         cluster = _cluster(etcd, tmp_path)
-        cluster.start_daemon("n1", workers=WORKERS, lease_ttl_s=LEASE_TTL_S)
-        cluster.wait_nodes({"n1"}, START_TIMEOUT_S)
+        _start_n1(cluster)
         started = time.monotonic()
         job = _submit(cluster, poison_input, out, notes)
         wait_until(lambda: len(os.listdir(notes)) >= POISON_ATTEMPTS, JOB_TIMEOUT_S,

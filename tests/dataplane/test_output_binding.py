@@ -2,6 +2,7 @@
 stale parts. Outputs compared as multisets of records (a duplicate counts as much as a loss)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 
@@ -242,3 +243,154 @@ def test_the_winner_of_a_race_to_bind_leaves_the_losers_temp_plan_alone(tmp_path
     assert losers_temp.exists()
     with pytest.raises(OutputError, match="already holds the output of job j-a"):
         OutputDir(tmp_path / "out", job_id="j-b", epoch=3).bind(plan)
+
+
+@pytest.mark.timeout(180)
+def test_a_replay_owner_frozen_before_its_rewind_removes_nothing_its_successor_committed(
+        access_log_records, tmp_path, monkeypatch):
+    """A replay's owner passes every check, then freezes just before its rewind (a GC pause, a VM
+    stall); its lease expires, a daemon claims the replay with a newer epoch, applies the rewind,
+    commits every part and ends the job `done`. When the frozen owner wakes up and rewinds, it
+    must remove nothing (it steps down, NotOwner): the output stays exactly the input."""
+    import threading
+
+    from mesh.coordinator.embedded import open_embedded_store
+    from mesh.coordinator.jobs import JobStore
+    from mesh.errors import NotOwner
+    from mesh.faces.client import Client
+    from mesh.faces.testing import running_mesh
+    from mesh.job.outputs import OutputDir, list_parts
+    from mesh.job.owner import Owner
+    from mesh.job.replay import replay_offsets
+    from waiting import wait_until
+
+    path, out, state = tmp_path / "in.jsonl", tmp_path / "out", tmp_path / "state"
+    path.write_bytes(access_log_records)
+    with running_mesh(state, workers=2) as mesh:
+        job = mesh.client.submit([str(path)], "identity", out=str(out), chunk_size=256 * 1024)
+        assert job.wait(timeout_s=60)["state"] == "done"
+    assert output_records(out) == lines(access_log_records) and len(list_parts(out)) > 2
+
+    store = open_embedded_store(state)
+    jobs = JobStore(store, Client(store=store).jobs.prefix)
+    frozen, wake = threading.Event(), threading.Event()
+    rewind = OutputDir.rewind
+
+    def freeze_first(out_dir, key):  # the zombie's epoch freezes here, right before its rewind
+        if out_dir.epoch == zombie_epoch:
+            frozen.set()
+            assert wake.wait(120), "the test never woke the frozen owner"
+        return rewind(out_dir, key)
+
+    monkeypatch.setattr(OutputDir, "rewind", freeze_first)
+    jobs.replay(job.id, *replay_offsets(str(out)))
+    lease = store.grant_lease(60)
+    zombie_epoch = jobs.claim(job.id, "zombie", lease.id)
+    assert zombie_epoch is not None
+    zombie = Owner(job_id=job.id, epoch=zombie_epoch, spec=jobs.get_spec(job.id), jobs=jobs, dispatcher=None,
+                   node_id="zombie")
+    outcome: list = []
+
+    def prepare():
+        try:
+            zombie._prepare()
+            outcome.append("prepared")
+        except Exception as exc:  # what the owner thread would act on: NotOwner means step down
+            outcome.append(exc)
+
+    thread = threading.Thread(target=prepare, name="zombie-prepare", daemon=True)
+    thread.start()
+    try:
+        wait_until(frozen.is_set, 60, "the zombie owner reaching its rewind")
+        store.revoke(lease.id)  # its lease is gone while it is frozen
+        with running_mesh(state, workers=2) as mesh:
+            status = mesh.client.job(job.id).wait(timeout_s=60)
+            assert status["state"] == "done" and status["summary"]["epoch"] > zombie_epoch, status
+            assert output_records(out) == lines(access_log_records)
+            before = visible_files(out)
+            wake.set()
+            thread.join(60)
+            assert not thread.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], NotOwner), outcome
+        assert visible_files(out) == before, "the late owner changed visible files"
+        assert output_records(out) == lines(access_log_records)
+    finally:
+        wake.set()
+        store.close()
+
+
+def visible_files(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+@pytest.mark.timeout(180)
+def test_an_owner_frozen_after_its_final_commit_never_overwrites_the_summary(access_log_records, tmp_path,
+                                                                            monkeypatch):
+    """Daemon `a`'s owner makes its final fenced commit, then freezes before writing the summary;
+    its lease is revoked, daemon `b` claims the job with a newer epoch and ends it `done` with its
+    own summary. When `a`'s owner wakes up, the summary (and every visible file) stays `b`'s."""
+    import threading
+
+    import orjson
+
+    from mesh.faces.testing import running_mesh
+    from mesh.job.commit import Committer
+    from mesh.job.owner import Owner
+    from waiting import wait_until
+
+    path, out, state = tmp_path / "in.jsonl", tmp_path / "out", tmp_path / "state"
+    path.write_bytes(access_log_records)
+    frozen, wake, finishing = threading.Event(), threading.Event(), threading.local()
+    finish, commit = Owner._finish, Committer.commit
+
+    def marked_finish(owner, state, reason):
+        finishing.now = True
+        return finish(owner, state, reason)
+
+    def freeze_after_final_commit(committer, *args, **kwargs):
+        done = commit(committer, *args, **kwargs)
+        if getattr(finishing, "now", False) and not frozen.is_set():  # the first final commit only
+            frozen.set()
+            assert wake.wait(120), "the test never woke the frozen owner"
+        return done
+
+    monkeypatch.setattr(Owner, "_finish", marked_finish)
+    monkeypatch.setattr(Committer, "commit", freeze_after_final_commit)
+    with running_mesh(state, workers=1, node_id="a") as a:
+        job = a.client.submit([str(path)], "identity", out=str(out), chunk_size=256 * 1024)
+        try:
+            wait_until(frozen.is_set, 60, "daemon a's owner making its final commit")
+            first_epoch = job.status()["progress"]["epoch"]
+            a.client.store.revoke(a.daemon.lease.id)  # a's owner is a zombie from now on
+            with second_daemon(state, "b") as b:
+                status = b.client.job(job.id).wait(timeout_s=60)
+                assert status["state"] == "done" and status["summary"]["owner"] == "b", status
+                assert status["summary"]["epoch"] > first_epoch
+                before = visible_files(out)
+                assert orjson.loads(before["_summary.json"])["epoch"] == status["summary"]["epoch"]
+                wake.set()
+                wait_until(lambda: job.id not in a.daemon.owners, 60, "the zombie owner ending")
+                assert job.status()["state"] == "done"
+        finally:
+            wake.set()
+    assert visible_files(out) == before, "the zombie owner overwrote a visible file"
+    assert output_records(out) == lines(access_log_records)
+
+
+@contextlib.contextmanager
+def second_daemon(state, node_id: str):
+    """Another daemon (own node id and state) on the embedded store in `state`."""
+    from mesh.coordinator.embedded import open_embedded_store
+    from mesh.faces.client import Client
+    from mesh.faces.testing import RunningMesh
+    from mesh.node.daemon import LOCAL_BIND, Daemon, DaemonConfig
+
+    store = open_embedded_store(state)
+    daemon = Daemon(store, DaemonConfig(workers=1, node_id=node_id, state_dir=str(state / node_id), bind=LOCAL_BIND))
+    daemon.start()
+    try:
+        daemon.wait_ready(60)
+        yield RunningMesh(client=Client(store=store), daemon=daemon, state_dir=state)
+    finally:
+        daemon.stop()
+        store.close()

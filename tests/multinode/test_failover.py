@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
+
+import pytest
 
 from cluster import job_under_way, log_events, progress, slow_job
 from mesh.job.outputs import iter_output, list_parts
@@ -96,3 +99,30 @@ def test_the_whole_mesh_killed_and_restarted_resumes_redoing_a_bounded_amount(cl
     assert durable > 0  # work was committed before the kill: the restart resumed, it did not start over
     print(f"whole-mesh restart: {durable} chunks durable at the kill, {summary['chunks_redone']} redone, "
           f"{summary['chunks_done']} in all (bound {window_bound})")
+
+
+@pytest.mark.timeout(240)
+def test_inputs_gone_after_their_commit_do_not_fail_the_resume(cluster, access_log_records, tmp_path):
+    """Issue 10, case 9: files already processed and committed, then rotated away (one deleted, one
+    renamed), and the owner is killed: the next owner resumes from committed offsets, never reads
+    them again, and the job ends done with exactly the fault-free output (the input as it was)."""
+    cluster.start_nodes(("n1", "n2"), lease_ttl_s=LEASE_TTL_S)
+    records = access_log_records[:300_000].rsplit(b"\n", 1)[0] + b"\n"  # 5 chunks a file
+    (tmp_path / "in").mkdir()
+    paths = [tmp_path / "in" / f"app-{i}.jsonl" for i in range(8)]
+    for i, path in enumerate(paths):
+        path.write_bytes(records.replace(b'{"', b'{"file": %d, "' % i, 1))
+    expected = Counter(b"".join(p.read_bytes() for p in paths).splitlines())
+    job = cluster.client.submit([str(tmp_path / "in")], "sample_tasks:slow", {"delay_s": 0.3},
+                                out=str(tmp_path / "job"), chunk_size=CHUNK)
+    cluster.wait_for(lambda: cluster.client.jobs.get_offsets(job.id).get("files_done", 0) >= 2, 120,
+                     "two files committed")
+    first = progress(job)
+    os.unlink(paths[0])
+    os.rename(paths[1], tmp_path / "app-1.jsonl.1")
+    cluster.daemons[first["owner"]].send_signal(signal.SIGKILL)
+    status = job.wait(timeout_s=120)
+    assert status["state"] == "done", status
+    assert status["summary"]["epoch"] > first["epoch"], "the job was not resumed by a new owner"
+    assert Counter(b"".join(iter_output(tmp_path / "job")).splitlines()) == expected
+    assert status["summary"]["failed_records"] == 0 and not list_parts(tmp_path / "job", "unreadable")
