@@ -82,6 +82,7 @@ class Bench:
     ctx: zmq.Context
     dispatcher: Dispatcher
     delivered: list = field(default_factory=list)  # (job, chunk, attempt, body) per result handed to an owner
+    poisoned: list = field(default_factory=list)  # (job, chunk, blame) per chunk handed to on_poison
     sockets: list = field(default_factory=list)
 
     def add_job(self, job_id: str, *, epoch: int = 1, acks_durable: bool = False, on_result=None) -> None:
@@ -91,7 +92,10 @@ class Bench:
                 on_result(header)
 
         message = protocol.control("job", job_id, task="identity", params={}, epoch=epoch)
-        self.dispatcher.add_job(JobRoute(job_id, epoch, message, on_result=deliver, on_poison=lambda a: None,
+        def poison(assignment):
+            self.poisoned.append((assignment.header.job_id, assignment.header.chunk_id, assignment.blame))
+
+        self.dispatcher.add_job(JobRoute(job_id, epoch, message, on_result=deliver, on_poison=poison,
                                          acks_durable=acks_durable))
 
     def worker(self, **kwargs) -> FakeWorker:
@@ -121,6 +125,12 @@ def bench():
             sock.close(0)
         dispatcher.stop()
         ctx.term()
+
+
+def credits_back(bench: Bench, credits: int) -> None:
+    """Until the statistics show `credits` free: they are refreshed after the results are handed
+    to the owner, in the same round of the dispatcher thread, not before."""
+    wait_until(lambda: bench.dispatcher.statistics().free_credits == credits, WAIT_S, f"{credits} credits free")
 
 
 class Feeder:
@@ -254,8 +264,9 @@ def test_a_second_ready_on_a_live_connection_is_refused(bench):
     worker.answer(third)
     wait_until(lambda: len(bench.delivered) == 3, WAIT_S, "three results")
     assert bench.results_of("j") == [(1, 0), (2, 0), (3, 0)]  # nothing was re-sent
+    credits_back(bench, 2)
     stats = bench.dispatcher.statistics()
-    assert stats.resent_chunks == 0 and stats.workers == 1 and stats.free_credits == 2
+    assert stats.resent_chunks == 0 and stats.workers == 1
 
 
 def test_a_remote_workers_successor_takes_its_slot_and_its_chunks_are_resent(bench):
@@ -339,8 +350,9 @@ def test_a_need_job_answer_gets_the_job_and_the_chunk_sent_again_without_blame(b
     worker.answer(second)
     wait_until(lambda: len(bench.delivered) == 2, WAIT_S, "two results")
     assert [(c, a, body) for _, c, a, body in bench.delivered] == [(1, 0, {}), (2, 0, {})]
+    credits_back(bench, 1)
     stats = bench.dispatcher.statistics()
-    assert stats.resent_chunks == 0 and stats.workers == 1 and stats.free_credits == 1
+    assert stats.resent_chunks == 0 and stats.workers == 1
 
 
 def test_a_link_that_keeps_asking_for_the_job_is_dropped_and_its_chunk_goes_elsewhere(bench):
@@ -405,3 +417,86 @@ def test_in_flight_plus_undurable_results_stay_within_the_credits(bench):
     assert bench.results_of("j") == [(c, 0) for c in range(1, count + 1)]
     assert max(seen) <= credits, seen
     wait_until(lambda: bench.dispatcher.statistics().free_credits == credits, WAIT_S, "every credit back")
+
+
+# -- 11. a node's lease flaps; 3. a node's pool shrinks ---------------------------------------------
+
+def wait_workers(bench: Bench, count: int, what: str) -> None:
+    """Until the dispatcher thread has applied the commands before: `count` links take chunks."""
+    wait_until(lambda: bench.dispatcher.statistics().workers == count, WAIT_S, what)
+
+
+def test_a_chunk_held_through_two_lease_flaps_of_its_node_is_resent_and_never_poison(bench):
+    """A lease can lapse while the node lives (a long GC pause, a slow etcd): each node_lost
+    re-sends what the node's workers hold, blaming nothing. Blamed, two flaps would have made the
+    chunk poison here (max_blame 2) although no worker ever died."""
+    bench.dispatcher.set_max_blame(2)
+    bench.add_job("j")
+    worker = bench.worker(node="n9", credits=1)
+    bench.source().send_multipart(chunk_message("j", 1))
+    held = worker.next_chunk()
+    assert (held.chunk_id, held.attempt) == (1, 0)
+    for flap in (1, 2):
+        bench.dispatcher.node_lost("n9")
+        wait_workers(bench, 0, f"n9's link set aside (flap {flap})")
+        assert bench.dispatcher.statistics().retry_queue == 1  # the chunk it held, waiting for a worker
+        bench.dispatcher.node_back("n9")
+        held = worker.next_chunk()  # the same connection: its worker never says `ready` again
+        assert (held.chunk_id, held.attempt) == (1, flap)
+    worker.answer(held)
+    wait_until(lambda: bench.results_of("j") == [(1, 2)], WAIT_S, "the result of the chunk's last attempt")
+    assert bench.poisoned == []
+    credits_back(bench, 1)
+    stats = bench.dispatcher.statistics()
+    assert stats.resent_chunks == 2 and stats.workers == 1
+
+
+def test_node_back_offers_chunks_to_that_nodes_workers_again(bench):
+    """While a node is lost its links get nothing; once its record is back, its workers, still
+    connected and silent, get chunks again (before: never, until the node restarted)."""
+    bench.add_job("j")
+    workers = [bench.worker(node="n9", slot=slot, pid=100 + slot, credits=2) for slot in (0, 1)]
+    wait_workers(bench, 2, "both of n9's workers admitted")
+    bench.dispatcher.node_lost("n9")
+    wait_workers(bench, 0, "n9's links set aside")
+    feeder = Feeder(bench.dispatcher, "j", count=4)
+    try:
+        bench.dispatcher.node_back("n9")
+        got = {worker.slot: [worker.next_chunk(), worker.next_chunk()] for worker in workers}  # 2 credits each
+    finally:
+        feeder.close()
+    for worker in workers:
+        for header in got[worker.slot]:
+            worker.answer(header)
+    wait_until(lambda: len(bench.delivered) == 4, WAIT_S, "four results")
+    assert bench.results_of("j") == [(c, 0) for c in (1, 2, 3, 4)]
+    credits_back(bench, 4)  # each link has its whole window back
+
+
+def test_retired_slots_chunks_are_resent_at_once_without_blame(bench):
+    """Node n9 now runs 1 worker (its pool shrank live, or it restarted with fewer before its old
+    lease ended): slot 1's link is gone and the chunk it held goes to another worker at once,
+    blaming nothing (max_blame 1: one blame would make it poison). Slot 0 keeps what it holds."""
+    bench.dispatcher.set_max_blame(1)
+    bench.add_job("j")
+    slot0 = bench.worker(node="n9", slot=0, pid=100, credits=1)
+    source = bench.source()
+    source.send_multipart(chunk_message("j", 1))
+    first = slot0.next_chunk()
+    slot1 = bench.worker(node="n9", slot=1, pid=101, credits=1)
+    source.send_multipart(chunk_message("j", 2))
+    second = slot1.next_chunk()
+    assert (first.chunk_id, second.chunk_id) == (1, 2)
+    other = bench.worker(node="n8", credits=1)
+    wait_workers(bench, 3, "n8's worker admitted")
+    bench.dispatcher.retire_slots("n9", 1)
+    again = other.next_chunk()
+    assert (again.chunk_id, again.attempt) == (2, 1)
+    slot1.answer(second)  # a retired process's late answer: stale, never delivered
+    other.answer(again)
+    slot0.answer(first)
+    wait_until(lambda: len(bench.delivered) == 2, WAIT_S, "two results")
+    wait_until(lambda: bench.dispatcher.statistics().stale_results == 1, WAIT_S, "the retired slot's answer dropped")
+    assert bench.results_of("j") == [(1, 0), (2, 1)] and bench.poisoned == []
+    stats = bench.dispatcher.statistics()
+    assert stats.resent_chunks == 1 and stats.workers == 2

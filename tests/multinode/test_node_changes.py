@@ -2,11 +2,12 @@
 flaps while the node lives. Output compared as a multiset of records."""
 from __future__ import annotations
 
+import ast
 import os
 import signal
 from collections import Counter
 
-from cluster import progress
+from cluster import log_events, progress
 from mesh.coordinator.config import ConfigStore
 from mesh.job.outputs import iter_output
 
@@ -36,6 +37,21 @@ def chunks_by(job, node: str) -> int:
     return (progress(job).get("nodes") or {}).get(node, {}).get("chunks", 0)
 
 
+def resent_from_retired_slots(owner_log: str, node: str, workers: int) -> dict[int, int]:
+    """Per retired slot of `node` (slot >= `workers`), the chunks the owner's dispatcher re-sent
+    when it dropped that slot's link after the owner logged `node_shrank` (its `worker_lost` lines
+    count them; a worker identity is node/slot/pid/connection)."""
+    _, shrank, after = owner_log.partition('"event": "node_shrank"')
+    assert shrank, "the owner never learnt that the node shrank"
+    resent: dict[int, int] = {}
+    for event in log_events(after.partition("\n")[2], event="worker_lost"):
+        worker = ast.literal_eval(event["worker"]).decode()  # logged as the repr of its bytes
+        name, slot = worker.split("/")[:2]
+        if name == node and int(slot) >= workers:
+            resent[int(slot)] = resent.get(int(slot), 0) + event["chunks_resent"]
+    return resent
+
+
 def test_a_remote_pool_shrinking_live_strands_no_chunk(cluster, access_log_records, tmp_path):
     """B runs 3 workers for A's job; the cluster shrinks to 1 worker per node: B retires two of
     them with chunks of A's job in hand. A must re-send those at once (before: stuck for good)."""
@@ -48,7 +64,8 @@ def test_a_remote_pool_shrinking_live_strands_no_chunk(cluster, access_log_recor
     status = job.wait(timeout_s=90)
     assert status["state"] == "done", status
     assert Counter(b"".join(iter_output(tmp_path / "out")).splitlines()) == expected
-    assert "node_shrank" in cluster.log("a")
+    resent = resent_from_retired_slots(cluster.log("a"), "b", 1)
+    assert sum(resent.values()) >= 1, f"the retired slots held no chunk of a's job (re-sent per slot: {resent})"
 
 
 def test_a_node_whose_lease_flapped_gets_chunks_again(cluster, access_log_records, tmp_path):
