@@ -120,7 +120,26 @@ class MeshProcess:
                 "registry_max_value_key": reg_top.key if reg_top else None, "registry_keys": len(registry)}
 
 
-class StatusPoller:
+class Background:
+    """A daemon thread running `_run` while the `with` block runs; `_stop` is set at its end."""
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class StatusPoller(Background):
     """Polls a stream's status every `interval_s` in a thread: every commit seen (updated_at,
     records_in, bytes_in, lag_bytes, lag_seconds, files_tracked) and, optionally, a shared counter
     kept at `counter_of(instance)` (what a closed-loop writer waits on)."""
@@ -130,16 +149,7 @@ class StatusPoller:
         self.counter, self.counter_of = counter, counter_of
         self.commits: list[dict] = []
         self.last: dict = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "StatusPoller":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__init__()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -165,23 +175,14 @@ class StatusPoller:
         raise TimeoutError(f"{what}: not after {timeout_s:g} s (last status: {self.last})")
 
 
-class PartWatcher:
+class PartWatcher(Background):
     """Watches a stream's output for new part files every `poll_s` (5 ms) in a thread and calls
     `on_part(data, seen_at)` with each one's decompressed records, the moment it appeared."""
 
     def __init__(self, out: str, on_part, poll_s: float = 0.005):
         self.out, self.on_part, self.poll_s = out, on_part, poll_s
         self.seen: set[str] = set()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "PartWatcher":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__init__()
 
     def _run(self) -> None:
         from mesh.codecs.compression import get_codec

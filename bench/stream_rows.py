@@ -15,7 +15,7 @@ from random import Random
 import psutil
 
 from bench import stream_load as load
-from bench.stream_mesh import (MeshProcess, PartWatcher, StatusPoller, committed_counter, dead_letters, digest,
+from bench.stream_mesh import (Background, MeshProcess, PartWatcher, StatusPoller, committed_counter, dead_letters, digest,
                                exactly_once)
 
 COMMIT_INTERVAL_S = 1.0
@@ -398,21 +398,12 @@ def make_one_line_files(root: str, n: int) -> None:
         load._create(path, one_line(i))
 
 
-class _PeakMemory:
+class _PeakMemory(Background):
     """The mesh tree's PSS every `interval_s` in a thread: the peak."""
 
     def __init__(self, mesh: MeshProcess, interval_s: float = 0.5):
         self.mesh, self.interval_s, self.peak_pss, self.peak_rss = mesh, interval_s, 0.0, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        super().__init__()
 
     def _run(self):
         while not self._stop.wait(self.interval_s):

@@ -216,7 +216,7 @@ def _cell(m: dict) -> str:
 
 
 def markdown(meta: dict, table: list[dict]) -> str:
-    lines = [f"# chunkmesh streams bench", "",
+    lines = ["# chunkmesh streams bench", "",
              f"{meta['cores']} cores ({meta['cpu']}), Python {meta['python']}, {meta['workers']} workers, "
              f"{'quick, ' if meta['quick'] else ''}medians of {meta['runs']} run(s) (min–max), commit "
              f"{meta['commit']}, {meta['date']}, {meta['duration_s']:.0f} s; load average (1 min) before the "

@@ -211,5 +211,6 @@ class StreamStore:
         self.store.txn([], [Delete(self._key(name))])
 
 
-_STATUS_FIELDS = ("files_tracked", "lag_bytes", "lag_seconds", "records_per_s", "records_in", "records_out",
-                  "failed_records", "bytes_in", "unreadable_files", "updated_at", "epoch", "commits")
+_STATUS_FIELDS = ("files_tracked", "files_at_rest", "files_held_open", "lag_bytes", "lag_seconds", "records_per_s",
+                  "records_in", "records_out", "failed_records", "bytes_in", "unreadable_files", "updated_at", "epoch",
+                  "commits")

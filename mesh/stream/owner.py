@@ -25,7 +25,6 @@ import queue
 import time
 from dataclasses import dataclass, field
 
-import orjson
 import zmq
 
 from mesh.codecs import frames
@@ -771,7 +770,8 @@ class StreamOwner(Owner):
         return {**totals, "files_tracked": len(self.registry), "lag_bytes": lag_bytes,
                 "lag_seconds": round(now - oldest, 3) if lag_bytes else 0.0, "records_per_s": round(rate, 1),
                 "unreadable_files": list(self._problems.values())[:10], "chunks_in_flight": len(self.chunks),
-                "files_held_open": self.held, "nodes": dict(self.nodes), "commits": self.commits + 1,
+                "files_held_open": self.held, "files_at_rest": len(self.registry.cold), "nodes": dict(self.nodes),
+                "commits": self.commits + 1,
                 "epoch": self.epoch, "owner": self.node_id, "updated_at": time.time()}
 
     def _end(self, state: str, reason: str) -> None:

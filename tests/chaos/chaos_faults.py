@@ -138,6 +138,17 @@ def workers_of(daemon_pid: int) -> list[psutil.Process]:
         return []
 
 
+def sigkill_daemon(proc) -> list[psutil.Process]:
+    """SIGKILL a meshd and reap it; its descendants as they were (to clean up any that outlive it)."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    return children
+
+
 def _wait_stopped(proc: psutil.Process, timeout_s: float = 10.0) -> None:
     """Signals are delivered asynchronously: return once the kernel reports the process stopped."""
     wait_until(lambda: proc.status() == psutil.STATUS_STOPPED, timeout_s, f"pid {proc.pid} stopped after SIGSTOP",
@@ -343,12 +354,7 @@ class Chaos:
             return
         node = self._pick(planned.node_pick, live)
         proc = self.cluster.daemons[node]
-        try:
-            self.orphans.extend(psutil.Process(proc.pid).children(recursive=True))
-        except psutil.Error:
-            pass
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        self.orphans.extend(sigkill_daemon(proc))
         self.faults.append(Fault("daemon", node, time.monotonic(), f"pid {proc.pid}, down {planned.down_s:.2f}s",
                                  during_etcd_outage=not self.etcd_up()))
         self.pending_restarts[node] = time.monotonic() + planned.down_s

@@ -110,6 +110,36 @@ def test_appends_and_compressed_files_bigger_than_a_chunk_are_committed_whole(me
     wait_committed(out, lines_of(b"first\n", burst, body))
 
 
+def test_files_at_rest_are_packed_and_followed_exactly_when_they_change(mesh, logs, tmp_path):
+    """A file read to its end and idle past close_inactive_s is packed (no handle, ~100 bytes);
+    appending to it, renaming it, truncating it or replacing it brings it back exactly once."""
+    out = tmp_path / "out"
+    names = ["grow", "rename", "truncate", "replace", "still"]
+    for name in names:
+        append(logs / f"{name}.log", b"%s-1\n%s-2\n" % (name.encode(), name.encode()))
+    start_stream(mesh.client, "rest", [logs], out, commit_interval_s=0.1, poll_interval_s=0.05,
+                 close_inactive_s=0.05)
+    expected = lines_of(*(b"%s-1\n%s-2\n" % (n.encode(), n.encode()) for n in names))
+    wait_committed(out, expected)
+    streams = StreamStore(mesh.client.jobs)
+    wait_until(lambda: streams.status("rest")["instances"][0].get("files_at_rest") == len(names), 30,
+               "every file packed")
+    append(logs / "grow.log", b"grow-3\n")
+    os.rename(logs / "rename.log", logs / "rename.log.1")
+    append(logs / "rename.log.1", b"rename-3\n")
+    with open(logs / "truncate.log", "r+b") as f:  # copytruncate's second half: a new file from offset 0
+        f.truncate(0)
+    append(logs / "truncate.log", b"t-new-1\n")
+    (logs / "replace.log").unlink()
+    append(logs / "replace.log", b"replaced-1\n")  # another inode under the same name
+    expected += lines_of(b"grow-3\nrename-3\nt-new-1\nreplaced-1\n")
+    wait_committed(out, expected)
+    wait_until(lambda: streams.status("rest")["instances"][0].get("files_at_rest") == len(names), 30,
+               "every file packed again")  # the replaced file's old identity is forgotten
+    append(logs / "still.log", b"still-3\n")
+    wait_committed(out, expected + lines_of(b"still-3\n"))
+
+
 def test_stop_commits_then_ends_and_a_restart_of_the_daemon_resumes(tmp_path, logs):
     from mesh.faces.testing import running_mesh
     out = tmp_path / "out"

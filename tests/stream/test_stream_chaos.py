@@ -45,7 +45,7 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chaos"))
-from chaos_faults import configure, workers_of  # noqa: E402
+from chaos_faults import configure, sigkill_daemon, workers_of  # noqa: E402
 
 from cluster import Cluster  # noqa: E402
 from etcd_server import EtcdServer  # noqa: E402
@@ -135,12 +135,7 @@ class StreamChaos:
     def kill_daemon(self, node: str) -> None:
         owner = self.owner()
         proc = self.cluster.daemons[node]
-        try:
-            self.orphans.extend(psutil.Process(proc.pid).children(recursive=True))
-        except psutil.Error:
-            pass
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        self.orphans.extend(sigkill_daemon(proc))
         self.cluster.start_daemon(node, workers=1, lease_ttl_s=LEASE_TTL_S)  # same node id, at once
         self.faults.append({"kind": "daemon", "node": node, "was_owner": owner == node,
                             "t": round(time.monotonic() - self.t0, 2)})
