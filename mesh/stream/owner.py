@@ -100,6 +100,7 @@ class StreamOwner(Owner):
         self.nodes: dict[str, int] = {}
         self.commits = 0
         self.chunk_id = 0
+        self.peak_chunks_out = 0                     # the most chunks ever out at once (<= MAX_CHUNKS_IN_FLIGHT)
         self.held = 0
         self.stopping_since: float | None = None
         self._rate = (time.monotonic(), 0, 0.0)  # (at, records_in, records/s)
@@ -411,7 +412,8 @@ class StreamOwner(Owner):
         bundle_bytes = 0
         for serial in sorted(self.active):  # files at rest have nothing to plan
             entry = self.registry.by_serial[serial]
-            if len(self.chunks) + len(self.unsent) >= MAX_CHUNKS_IN_FLIGHT or in_flight_bytes >= MAX_BYTES_IN_FLIGHT:
+            out = len(self.chunks) + (1 if bundle else 0)  # (chunks not sent yet are in self.chunks too)
+            if out >= MAX_CHUNKS_IN_FLIGHT or in_flight_bytes >= MAX_BYTES_IN_FLIGHT:
                 break  # workers are behind: lag grows, memory does not
             if not self._unread(entry) or entry.retry_at > now or not self.registry.may_touch(entry, busy):
                 continue
@@ -427,11 +429,17 @@ class StreamOwner(Owner):
                 in_flight_bytes += end - start
                 continue
             if end - start >= self.spec.chunk_size:
-                # pieces on the chunk grid; each may read up to `end` (complete lines), so the line
-                # that crosses a piece's end is read whole by the piece it starts in
-                for chunk_start in range(start, end, self.spec.chunk_size):
-                    self._new_chunk([(entry, chunk_start, min(end, chunk_start + self.spec.chunk_size), end, head)])
-                in_flight_bytes += end - start
+                # pieces on the chunk grid, as many as the window has room for (the rest of a big
+                # backlog waits: lag, not memory); each may read up to `end` (complete lines), so
+                # the line that crosses a piece's end is read whole by the piece it starts in, and
+                # the next piece, starting inside it, skips it (a range owns the lines starting in it)
+                size = self.spec.chunk_size
+                room = min(MAX_CHUNKS_IN_FLIGHT - out,
+                           -(-(MAX_BYTES_IN_FLIGHT - in_flight_bytes) // size))
+                stop = min(end, start + max(1, room) * size)
+                for chunk_start in range(start, stop, size):
+                    self._new_chunk([(entry, chunk_start, min(stop, chunk_start + size), end, head)])
+                in_flight_bytes += stop - start
                 continue
             bundle.append((entry, start, end, end, head))
             bundle_bytes += end - start
@@ -550,6 +558,7 @@ class StreamOwner(Owner):
                                       mtime_ns=entry.mtime_ns, fingerprint=fingerprint(head, end)))
         self.chunk_id += 1
         self.chunks[self.chunk_id] = chunk
+        self.peak_chunks_out = max(self.peak_chunks_out, len(self.chunks))
         header, payload = frames.encode(Kind.CHUNK, job_id=self.job_id, epoch=self.epoch, chunk_id=self.chunk_id,
                                         flags=int(where), extra=encode_descriptor(chunk.key, reads))
         self.unsent.append((self.chunk_id, [header, payload]))
@@ -770,6 +779,7 @@ class StreamOwner(Owner):
         return {**totals, "files_tracked": len(self.registry), "lag_bytes": lag_bytes,
                 "lag_seconds": round(now - oldest, 3) if lag_bytes else 0.0, "records_per_s": round(rate, 1),
                 "unreadable_files": list(self._problems.values())[:10], "chunks_in_flight": len(self.chunks),
+                "chunks_in_flight_peak": self.peak_chunks_out,
                 "files_held_open": self.held, "files_at_rest": len(self.registry.cold), "nodes": dict(self.nodes),
                 "commits": self.commits + 1,
                 "epoch": self.epoch, "owner": self.node_id, "updated_at": time.time()}

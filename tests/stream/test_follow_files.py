@@ -140,6 +140,27 @@ def test_files_at_rest_are_packed_and_followed_exactly_when_they_change(mesh, lo
     wait_committed(out, expected + lines_of(b"still-3\n"))
 
 
+def test_a_backlog_bigger_than_the_window_is_lag_not_memory(mesh, logs, tmp_path):
+    """Workers slower than the writer: at most MAX_CHUNKS_IN_FLIGHT chunks are ever out (the
+    owner's own peak, not a sample), the backlog is reported as lag, and every line ends up
+    committed once."""
+    from mesh.stream.owner import MAX_CHUNKS_IN_FLIGHT
+    out = tmp_path / "out"
+    line = b"x" * 90
+    backlog = b"".join(b"%06d-%s\n" % (i, line) for i in range(3 * MAX_CHUNKS_IN_FLIGHT * 64 * 1024 // 98))
+    append(logs / "big.log", backlog)  # ~3 windows of 64 KiB chunks in one file
+    start_stream(mesh.client, "lag", [logs], out, task="sample_tasks:slow", params={"delay_s": "0.02"},
+                 commit_interval_s=0.1, poll_interval_s=0.05)
+    streams = StreamStore(mesh.client.jobs)
+    lagging = wait_until(lambda: (streams.status("lag")["instances"][0].get("lag_bytes") or 0) > 0
+                         and streams.status("lag")["instances"][0], 60, "the backlog reported as lag")
+    assert lagging["lag_seconds"] > 0
+    wait_committed(out, lines_of(backlog), 180)
+    progress = mesh.client.jobs.get_progress("s-lag")
+    assert 0 < progress["chunks_in_flight_peak"] <= MAX_CHUNKS_IN_FLIGHT, progress["chunks_in_flight_peak"]
+    wait_until(lambda: streams.status("lag")["instances"][0].get("lag_bytes") == 0, 30, "no lag once caught up")
+
+
 def test_stop_commits_then_ends_and_a_restart_of_the_daemon_resumes(tmp_path, logs):
     from mesh.faces.testing import running_mesh
     out = tmp_path / "out"
