@@ -195,10 +195,12 @@ class StreamOwner(Owner):
                     break
             now = time.monotonic()
             if self.stopping_since is None and self.drain_deadline is None and now >= next_poll:
-                self._scan()
+                behind = self._scan()
                 self._plan()
-                took = time.monotonic() - now  # a scan of many files takes at most ~1/5 of a core
-                next_poll = time.monotonic() + max(self.poll_interval_s, 4 * took)
+                took = time.monotonic() - now  # at rest, a scan of many files takes at most ~1/5 of a core
+                next_poll = time.monotonic() + (self.poll_interval_s if behind else max(self.poll_interval_s, 4 * took))
+                if behind:  # new files wait for registry shards: commit (freeing them) and scan again soon
+                    next_commit = min(next_commit, next_poll)
             self._send()
             if now >= next_commit or len(self.awaiting) >= MAX_AWAITING:
                 self._commit()
@@ -232,7 +234,9 @@ class StreamOwner(Owner):
     def _scan(self) -> None:
         """One pass over the inputs' names, each file handled as it is found (nothing per file is
         held for the pass: a million files cost no map of a million stats); entries the pass did
-        not find are looked at after it."""
+        not find are looked at after it. True when new files were left for a later pass (this
+        commit changes as many registry shards as one may: catching up)."""
+        behind = False
         wall = time.time()
         self.scans += 1
         scan = self.scans
@@ -255,6 +259,7 @@ class StreamOwner(Owner):
                 if st.st_mtime < wall - self.forget_after_s or not self._allowed(path):
                     continue  # older than the registry remembers: never (re-)read from its start
                 if not self.registry.may_add(busy):
+                    behind = True
                     continue  # this commit changes enough shards: the next scan finds it again
                 entry = self._discover(path, st, wall)
             else:
@@ -273,6 +278,7 @@ class StreamOwner(Owner):
             elif (entry.in_flight == 0 and not self._unread(entry) and wall - entry.seen > self.forget_after_s
                   and self.registry.may_touch(entry, busy)):
                 self._forget(entry)
+        return behind
 
     def _allowed(self, path: str) -> bool:
         return not self.input_roots or inside_roots(os.path.realpath(path), self.input_roots)
